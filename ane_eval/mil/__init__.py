@@ -1,0 +1,192 @@
+"""Portable ML Program runtime: run CoreML `.mlpackage` / ML Program `.mlmodel` files with numpy, anywhere.
+
+    from ane_eval import mil
+    p = mil.load("model.mlpackage", function_name="prefill", precision="fp16")
+    state = p.make_state()
+    out = p.predict({"hidden_states": x, ...}, state)
+
+The API mirrors coremltools' `MLModel` (`predict(inputs, state)`, `make_state()`, descriptions,
+`user_defined_metadata`) so the same driver code runs on both. Inputs are validated against the declared
+description, and every error names the model, the function, the input, and what was expected.
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from . import ir, proto
+from .blob import BlobError
+from .interpreter import ConstStore, ExecutionError, Plan, UnsupportedOpsError
+from .ops import KERNELS, StateBuffer
+from .proto import ModelFormatError
+
+__all__ = ["load", "MILModel", "MILState", "InputError", "ModelFormatError", "BlobError", "UnsupportedOpsError",
+           "ExecutionError", "KERNELS"]
+
+_FP_NUMPY = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int32": np.int32, "int8": np.int8}
+
+
+class InputError(ValueError):
+    """Inputs that do not match the declared description (the readable form of CoreML's type errors)."""
+
+
+class _Package:
+    """A parsed package and its weights, shared by every function loaded from it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.program = proto.load(path)
+        self.consts = ConstStore()
+        self.lock = threading.Lock()
+
+
+_packages: "weakref.WeakValueDictionary[tuple, _Package]" = weakref.WeakValueDictionary()
+
+
+def _package(path: Path) -> _Package:
+    spec_path, _ = proto.locate(path)
+    key = (str(path.resolve()), spec_path.stat().st_mtime_ns)
+    pkg = _packages.get(key)
+    if pkg is None:
+        pkg = _Package(path)
+        _packages[key] = pkg
+    return pkg
+
+
+def load(path, function_name: str | None = None, precision: str = "fp16") -> "MILModel":
+    return MILModel(path, function_name=function_name, precision=precision)
+
+
+class MILState:
+    """The state object of one model (CoreML's MLState): one buffer per declared state, zero-initialised."""
+
+    def __init__(self, features: tuple, owner: str):
+        self.features = {f.name: f for f in features}
+        self.owner = owner
+        self.buffers = {f.name: StateBuffer(np.zeros(f.shape, dtype=np.float32)) for f in features}
+
+    def read_state(self, name: str) -> np.ndarray:
+        f = self.features[name]
+        return self.buffers[name].value.astype(_FP_NUMPY.get(f.dtype, np.float32))
+
+    def write_state(self, name: str, value: np.ndarray) -> None:
+        f = self.features[name]
+        value = np.asarray(value)
+        if value.shape != tuple(f.shape):
+            raise InputError(f"state {name!r} is {tuple(f.shape)} {f.dtype}; got {value.shape}")
+        self.buffers[name].value[...] = value.astype(np.float16 if f.dtype == "fp16" else np.float32)
+
+
+class MILModel:
+    def __init__(self, path, function_name: str | None = None, precision: str = "fp16"):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such model")
+        self._package = _package(self.path)
+        program = self._package.program
+        self.function_name = function_name or program.default_function
+        if self.function_name not in program.functions:
+            raise ModelFormatError(f"{self.path.name}: no function {self.function_name!r}; it has "
+                                   f"{sorted(program.functions)}")
+        self.precision = precision
+        self.signature: ir.Signature = program.description.get(self.function_name) or _from_ir(
+            program.functions[self.function_name])
+        self.user_defined_metadata = dict(program.metadata)
+        with self._package.lock:
+            self._plan = Plan(program.functions[self.function_name], precision, self._package.consts,
+                              model_name=self.path.name)
+
+    # --- descriptions ----------------------------------------------------------------------------------------
+    @property
+    def input_description(self) -> tuple:
+        return self.signature.inputs
+
+    @property
+    def output_description(self) -> tuple:
+        return self.signature.outputs
+
+    @property
+    def state_description(self) -> tuple:
+        return self.signature.states
+
+    @property
+    def functions(self) -> list[str]:
+        return sorted(self._package.program.functions)
+
+    def __repr__(self) -> str:
+        return f"<mil.MILModel {self.path.name}:{self.function_name} {self.precision}>"
+
+    # --- running ---------------------------------------------------------------------------------------------
+    def make_state(self) -> MILState:
+        if not self.signature.states:
+            raise InputError(f"{self._where()} declares no state; call predict without one")
+        return MILState(self.signature.states, str(self.path))
+
+    def _where(self) -> str:
+        return f"{self.path.name} function {self.function_name!r}"
+
+    def predict(self, inputs: dict, state: MILState | None = None) -> dict:
+        env = self._validate(inputs, state)
+        out = self._plan.run(env)
+        result = {}
+        for f in self.signature.outputs:
+            value = out.get(f.name)
+            if value is None:
+                raise ExecutionError(f"{self._where()}: output {f.name!r} was not produced")
+            dtype = _FP_NUMPY.get(f.dtype, np.float32)
+            with np.errstate(over="ignore"):
+                result[f.name] = np.array(value, dtype=dtype)  # a copy: never hand out a state buffer
+        return result
+
+    def _validate(self, inputs: dict, state) -> dict:
+        if not isinstance(inputs, dict):
+            raise InputError(f"{self._where()}: inputs must be a dict of name -> numpy array")
+        declared = {f.name: f for f in self.signature.inputs}
+        unknown = sorted(set(inputs) - set(declared))
+        missing = [n for n in declared if n not in inputs]
+        if unknown or missing:
+            parts = []
+            if missing:
+                parts.append(f"missing input(s) {missing}")
+            if unknown:
+                parts.append(f"undeclared input(s) {unknown}")
+            raise InputError(f"{self._where()}: {'; '.join(parts)}; it declares {list(declared)}")
+        env = {}
+        for name, f in declared.items():
+            value = inputs[name]
+            if not isinstance(value, np.ndarray):
+                raise InputError(f"{self._where()}: input {name!r} must be a numpy array of {f.expected()}, "
+                                 f"got {type(value).__name__}")
+            want = _FP_NUMPY.get(f.dtype)
+            if want is not None and value.dtype != want:
+                raise InputError(f"{self._where()}: input {name!r} expects {f.expected()}, got {value.shape} "
+                                 f"{value.dtype}; convert with .astype(np.{np.dtype(want).name})")
+            if not f.accepts(value.shape):
+                raise InputError(f"{self._where()}: input {name!r} expects {f.expected()}, got {value.shape} "
+                                 f"{value.dtype}")
+            env[name] = value.astype(np.float32) if value.dtype.kind == "f" else value
+        if self.signature.states:
+            if not isinstance(state, MILState):
+                raise InputError(f"{self._where()} declares state(s) {[s.name for s in self.signature.states]}: "
+                                 "pass state=model.make_state()")
+            for f in self.signature.states:
+                have = state.features.get(f.name)
+                if have is None or tuple(have.shape) != tuple(f.shape):
+                    raise InputError(f"{self._where()}: state {f.name!r} must be {f.expected()}; the state given "
+                                     f"was made by a model with {have.expected() if have else 'no such state'}")
+                env[f.name] = state.buffers[f.name]
+        elif state is not None:
+            raise InputError(f"{self._where()} declares no state, but one was passed")
+        return env
+
+
+def _from_ir(fn: ir.Function) -> ir.Signature:
+    """A signature from the program itself, for `.mlmodel` files without a function description."""
+    inputs = tuple(ir.Feature(n, t.dtype, tuple(t.shape)) for n, t in fn.inputs if isinstance(t, ir.TensorType))
+    states = tuple(ir.Feature(n, t.wrapped.dtype, tuple(t.wrapped.shape)) for n, t in fn.inputs
+                   if isinstance(t, ir.StateType))
+    outputs = tuple(ir.Feature(n, "fp32", ()) for n in fn.block.outputs)
+    return ir.Signature(inputs, outputs, states)

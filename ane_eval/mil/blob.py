@@ -1,0 +1,90 @@
+"""Reader for CoreML's MIL blob storage (`weights/weight.bin`), bounds-checked.
+
+Layout: a 64-byte header (uint32 count, uint32 version = 2, reserved); then, 64-byte aligned, per blob a 64-byte
+record (uint32 sentinel 0xDEADBEEF, uint32 blob dtype, uint64 size in bytes, uint64 absolute data offset,
+uint64 padding bits, reserved) followed by its data. A program's BLOBFILE offset points at the record. Sub-byte
+types are packed LSB-first. Model files are untrusted: every offset and size is checked against the file before
+anything is read or allocated.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+SENTINEL = 0xDEADBEEF
+HEADER = struct.Struct("<II")
+RECORD = struct.Struct("<IIQQQ")
+# BlobDataType (MILBlob/Blob/BlobDataType.hpp) -> (numpy dtype, bits per element)
+BLOB_DTYPES = {
+    1: (np.float16, 16), 2: (np.float32, 32), 3: (np.uint8, 8), 4: (np.int8, 8), 5: ("bf16", 16),
+    6: (np.int16, 16), 7: (np.uint16, 16), 8: ("int4", 4), 9: ("uint1", 1), 10: ("uint2", 2), 11: ("uint4", 4),
+    12: ("uint3", 3), 13: ("uint6", 6), 14: (np.int32, 32), 15: (np.uint32, 32),
+}
+# the declared tensor dtype each blob dtype may back
+COMPATIBLE = {1: "fp16", 2: "fp32", 3: "uint8", 4: "int8", 5: "bf16", 6: "int16", 7: "uint16", 8: "int4",
+              9: "uint1", 10: "uint2", 11: "uint4", 12: "uint3", 13: "uint6", 14: "int32", 15: "uint32"}
+
+
+class BlobError(ValueError):
+    pass
+
+
+class BlobFile:
+    """One weight file, opened lazily; `read(offset, dtype, shape)` returns a fresh numpy array."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.size = os.path.getsize(self.path)
+        except OSError as e:
+            raise BlobError(f"{self.path}: cannot read weight file ({e.strerror})") from None
+        if self.size < 64:
+            raise BlobError(f"{self.path}: weight file is {self.size} bytes, shorter than its 64-byte header; "
+                            "the model is truncated or corrupt: re-export or re-download it")
+        with open(self.path, "rb") as fh:
+            self.count, self.version = HEADER.unpack(fh.read(HEADER.size))
+        if self.version != 2:
+            raise BlobError(f"{self.path}: blob storage version {self.version}, expected 2")
+
+    def _fail(self, offset: int, what: str) -> BlobError:
+        return BlobError(f"{self.path}: blob at offset {offset}: {what}; the weight file is truncated or corrupt: "
+                         "re-export or re-download the model")
+
+    def read(self, offset: int, dtype: str, shape: tuple) -> np.ndarray:
+        if offset < 64 or offset % 64 or offset + RECORD.size > self.size:
+            raise self._fail(offset, f"record offset outside the file ({self.size} bytes) or not 64-byte aligned")
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            sentinel, blob_dtype, nbytes, data_offset, _padding = RECORD.unpack(fh.read(RECORD.size))
+            if sentinel != SENTINEL:
+                raise self._fail(offset, f"bad sentinel 0x{sentinel:08X} (expected 0xDEADBEEF)")
+            if blob_dtype not in BLOB_DTYPES:
+                raise self._fail(offset, f"unknown blob data type {blob_dtype}")
+            if COMPATIBLE[blob_dtype] != dtype:
+                raise self._fail(offset, f"holds {COMPATIBLE[blob_dtype]} data but the program declares {dtype}")
+            np_dtype, bits = BLOB_DTYPES[blob_dtype]
+            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            need = (count * bits + 7) // 8
+            if nbytes < need or data_offset < offset + RECORD.size or data_offset + nbytes > self.size:
+                raise self._fail(offset, f"data of {nbytes} bytes at {data_offset} does not hold {count} "
+                                         f"{dtype} values ({need} bytes) inside the file ({self.size} bytes)")
+            fh.seek(data_offset)
+            raw = np.frombuffer(fh.read(need), dtype=np.uint8)
+        if np_dtype == "bf16":
+            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        if isinstance(np_dtype, str):  # sub-byte
+            return unpack_bits(raw, bits, count, signed=np_dtype == "int4").reshape(shape)
+        return raw.view(np_dtype).reshape(shape).copy()
+
+
+def unpack_bits(raw: np.ndarray, bits: int, count: int, signed: bool = False) -> np.ndarray:
+    """Elements of `bits` bits packed LSB-first into bytes -> one uint8 (or int8) per element."""
+    bit_array = np.unpackbits(raw, bitorder="little")[: count * bits].reshape(count, bits)
+    values = (bit_array.astype(np.uint16) << np.arange(bits, dtype=np.uint16)).sum(axis=1)
+    if signed:
+        values = np.where(values >= 1 << (bits - 1), values.astype(np.int16) - (1 << bits), values)
+        return values.astype(np.int8)
+    return values.astype(np.uint8)

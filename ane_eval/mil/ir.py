@@ -1,0 +1,130 @@
+"""The runtime's own program representation, independent of how a program was stored.
+
+A front end (protobuf `.mlpackage`/`.mlmodel` today, `model.mil` text later) produces a `Program`; the interpreter
+only ever sees these classes. Values are numpy arrays; types carry the declared dtype and shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+# declared dtype name -> numpy dtype used to hold values of that type at run time
+NUMPY_DTYPES = {
+    "fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "bf16": np.float32,
+    "int8": np.int8, "int16": np.int16, "int32": np.int32, "int64": np.int64,
+    "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32, "uint64": np.uint64,
+    "bool": np.bool_,
+    # sub-byte types are unpacked to one byte per element
+    "int4": np.int8, "uint1": np.uint8, "uint2": np.uint8, "uint3": np.uint8, "uint4": np.uint8, "uint6": np.uint8,
+}
+
+
+@dataclass(frozen=True)
+class TensorType:
+    dtype: str  # e.g. "fp16", "int32", "string"
+    shape: tuple  # ints, or None for a dimension not known until run time
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def __str__(self) -> str:
+        return f"{tuple(self.shape)} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class StateType:
+    wrapped: TensorType
+
+
+@dataclass(frozen=True)
+class ListType:  # list/tuple values (rare in converted models; kept so loading never fails on them)
+    element: Any
+    length: int | None
+
+
+@dataclass
+class Arg:
+    """One binding of an op input: a reference to a named value, or an inline constant."""
+    name: str | None = None
+    value: Any = None
+
+
+@dataclass
+class Op:
+    type: str
+    inputs: dict[str, list[Arg]]  # variadic inputs (concat's values) have several bindings
+    outputs: list[tuple[str, Any]]  # (name, type)
+    attributes: dict[str, Any] = field(default_factory=dict)
+    blocks: list["Block"] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.attributes.get("name") or (self.outputs[0][0] if self.outputs else self.type)
+
+
+@dataclass
+class Block:
+    inputs: list[tuple[str, Any]]
+    operations: list[Op]
+    outputs: list[str]
+
+
+@dataclass
+class Function:
+    name: str
+    inputs: list[tuple[str, Any]]  # (name, TensorType | StateType)
+    block: Block
+    opset: str = ""
+    input_shapes: dict[str, list[tuple]] = field(default_factory=dict)  # enumerated shapes per input, if declared
+
+
+@dataclass
+class Program:
+    functions: dict[str, Function]
+    default_function: str
+    metadata: dict[str, str] = field(default_factory=dict)  # user-defined metadata
+    description: Any = None  # the front end's model description, if any (names, shapes for validation)
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A declared input, output or state of a function, as CoreML validates it."""
+    name: str
+    dtype: str  # "fp16", "fp32", "int32", ...
+    shape: tuple  # the default shape (() if undeclared, e.g. outputs with flexible shapes)
+    shapes: tuple = ()  # enumerated alternatives (each a tuple), if the input is enumerated
+    ranges: tuple = ()  # per-dimension (lower, upper) bounds, upper -1 = unbounded, if the input has ranges
+
+    def accepts(self, shape: tuple) -> bool:
+        if self.shapes:
+            return tuple(shape) in self.shapes
+        if self.ranges:
+            return len(shape) == len(self.ranges) and all(
+                lo <= s and (hi < 0 or s <= hi) for s, (lo, hi) in zip(shape, self.ranges))
+        return tuple(shape) == tuple(self.shape)
+
+    def expected(self) -> str:
+        if self.shapes:
+            return " or ".join(str(s) for s in self.shapes) + f" {self.dtype}"
+        if self.ranges:
+            dims = ", ".join(f"{lo}..{hi if hi >= 0 else 'inf'}" for lo, hi in self.ranges)
+            return f"({dims}) {self.dtype}"
+        return f"{tuple(self.shape)} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple  # Feature, in declaration order
+    outputs: tuple
+    states: tuple
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """A constant stored in a weight file, read (and bounds-checked) when a function is prepared."""
+    path: Any  # pathlib.Path inside the model package
+    offset: int
+    type: TensorType
