@@ -89,6 +89,7 @@ def portable_tokenizer_config(out: Path) -> None:
     cfg["chat_template"] = CHAT_TEMPLATE
     cfg.pop("backend", None)
     path.write_text(json.dumps(cfg, indent=2) + "\n")
+    (out / "chat_template.jinja").unlink(missing_ok=True)
 
 
 def main(argv=None) -> None:
@@ -106,7 +107,9 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     tokenizer = train_tokenizer(world.corpus(20000, seed=1), vocab_size=1000)
-    vocab = math.ceil(len(tokenizer) / 16) * 16  # logits width ≥ tokenizer vocabulary, divisible by 8 and 16 splits
+    # logits width ≥ tokenizer vocabulary; 1024 splits into 8 or 16 parts whose widths are multiples of the
+    # palettization group (8), so LUT builds palettize the LM head too
+    vocab = math.ceil(len(tokenizer) / 128) * 128
     config = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,

@@ -302,10 +302,9 @@ def instance_norm(x, gamma=None, beta=None, epsilon=1e-5):
 
 
 @op("l2_norm")
-def l2_norm(x, axes=None, epsilon=1e-6):
-    x = f32(x)
-    ax = tuple(axes_of(axes, x.ndim)) if axes is not None else tuple(range(1, x.ndim))
-    return x / np.sqrt(np.maximum(np.sum(x * x, axis=ax, keepdims=True), np.float32(epsilon)))
+def l2_norm(x, epsilon=1e-6):
+    x = f32(x)  # normalizes over the last three dims, batch-wise over the rest
+    return x / np.sqrt(np.sum(x * x, axis=(-3, -2, -1), keepdims=True) + np.float32(epsilon))
 
 
 # --- linear algebra --------------------------------------------------------------------------------------------

@@ -82,6 +82,15 @@ def read_spec(path: Path):
     return spec
 
 
+def describe(path: Path) -> tuple[dict, dict, str]:
+    """({function: Signature}, user metadata, default function) from the spec alone, without reading weights."""
+    spec = read_spec(Path(path))
+    desc = spec.description
+    if desc.functions:
+        return {f.name: signature(f) for f in desc.functions}, dict(desc.metadata.userDefined), desc.defaultFunctionName
+    return {"main": signature(desc)}, dict(desc.metadata.userDefined), "main"
+
+
 def load(path: Path) -> ir.Program:
     path = Path(path)
     spec = read_spec(path)
@@ -93,9 +102,9 @@ def load(path: Path) -> ir.Program:
     desc = spec.description
     default = desc.defaultFunctionName or ("main" if "main" in functions else next(iter(functions)))
     if desc.functions:
-        signatures = {f.name: _signature(f) for f in desc.functions}
+        signatures = {f.name: signature(f) for f in desc.functions}
     else:
-        signatures = {default: _signature(desc)}
+        signatures = {default: signature(desc)}
     return ir.Program(functions=functions, default_function=default,
                       metadata=dict(desc.metadata.userDefined), description=signatures)
 
@@ -113,7 +122,7 @@ def _feature(fd, state: bool = False) -> ir.Feature:
     return ir.Feature(fd.name, dtype, tuple(arr.shape), shapes, ranges)
 
 
-def _signature(desc) -> ir.Signature:
+def signature(desc) -> ir.Signature:
     return ir.Signature(tuple(_feature(f) for f in desc.input), tuple(_feature(f) for f in desc.output),
                         tuple(_feature(f, state=True) for f in desc.state))
 

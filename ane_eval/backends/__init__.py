@@ -1,0 +1,44 @@
+"""Backends run one model part (one function of one file) behind the same small interface:
+`load(path, function_name) -> predictor` with `predict(inputs, state) -> dict` and `make_state()`.
+
+`coreml` is Apple's framework (macOS 15+), `mil` the portable runtime; `auto` picks CoreML where it can run.
+"""
+from __future__ import annotations
+
+import platform
+
+NAMES = ("auto", "coreml", "mil")
+
+
+class BackendError(RuntimeError):
+    pass
+
+
+def coreml_available() -> tuple[bool, str]:
+    """(can CoreML run models here, why not)."""
+    if platform.system() != "Darwin":
+        return False, f"CoreML runs only on macOS (this is {platform.system()})"
+    major = int((platform.mac_ver()[0] or "0").split(".")[0])
+    if major < 15:
+        return False, f"stateful CoreML models need macOS 15 or later (this is {platform.mac_ver()[0]})"
+    try:
+        import coremltools.libcoremlpython  # noqa: F401
+    except ImportError as e:
+        return False, f"coremltools cannot reach the CoreML framework ({e})"
+    return True, ""
+
+
+def select(name: str = "auto", precision: str = "fp16", compute_units: str = "CPU_AND_NE"):
+    """The backend called `name`; `auto` resolves to coreml where available, else mil."""
+    if name not in NAMES:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(NAMES)}")
+    if name == "auto":
+        name = "coreml" if coreml_available()[0] else "mil"
+    if name == "coreml":
+        ok, why = coreml_available()
+        if not ok:
+            raise BackendError(f"backend 'coreml' is unavailable: {why}; use --backend mil (the portable runtime)")
+        from .coreml import CoreMLBackend
+        return CoreMLBackend(compute_units=compute_units)
+    from .mil import MILBackend
+    return MILBackend(precision=precision)

@@ -1,0 +1,127 @@
+"""A model directory's card: parts, interfaces, metadata, consistency verdicts, ops, LUT bits, size.
+
+Read from the specs only (no weights are decompressed), so it works on any machine and on broken directories.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+from . import contract
+from .backends import coreml_available
+from .bundle import Bundle, discover, load_tokenizer
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _program_facts(path: Path) -> dict:
+    """Op histogram per function, LUT bits and parameter count (dequantized element count, deduplicated)."""
+    from .mil import ir, proto
+
+    program = proto.load(path)
+    ops, bits, params = {}, set(), {}
+    for name, fn in program.functions.items():
+        ops[name] = dict(Counter(o.type for o in fn.block.operations if o.type != "const").most_common())
+        produced = {}
+        for o in fn.block.operations:
+            for out_name, _ in o.outputs:
+                produced[out_name] = o
+        consumed_by_constexpr = set()
+        for o in fn.block.operations:
+            if o.type.startswith("constexpr_"):
+                for args in o.inputs.values():
+                    consumed_by_constexpr.update(a.name for a in args if a.name)
+        for o in fn.block.operations:
+            if o.type == "constexpr_lut_to_dense":
+                lut_arg = o.inputs.get("lut", [None])[0]
+                lut = produced.get(lut_arg.name) if lut_arg and lut_arg.name else None
+                lut_val = lut.attributes.get("val") if lut else (lut_arg.value if lut_arg else None)
+                shape = lut_val.type.shape if isinstance(lut_val, ir.BlobRef) else getattr(lut_val, "shape", ())
+                if len(shape) >= 2:
+                    bits.add(int(math.log2(shape[-2] if len(shape) > 2 else shape[0])))
+            is_weight = (o.type.startswith("constexpr_") or (
+                o.type == "const" and isinstance(o.attributes.get("val"), ir.BlobRef)
+                and o.outputs[0][0] not in consumed_by_constexpr))
+            if is_weight:
+                t = o.outputs[0][1]
+                key = (o.type, o.outputs[0][0]) if o.type != "const" else str(o.attributes["val"].offset)
+                params[key] = math.prod(d or 0 for d in t.shape)
+    return {"ops": ops, "lut_bits": sorted(bits), "parameters": sum(params.values())}
+
+
+def model_card(model_dir) -> dict:
+    model_dir = Path(model_dir)
+    backend = "coreml" if coreml_available()[0] else "mil"
+    bundle: Bundle = discover(model_dir, backend=backend)
+    parts = [("embeddings", bundle.embeddings)] + [(f"chunk {i}", p) for i, p in enumerate(bundle.chunks, 1)] + [
+        ("lm_head", bundle.lm_head)]
+    card = {"directory": str(model_dir), "name": bundle.name, "architecture": bundle.architecture,
+            "meta": bundle.meta, "parts": [], "backends": _backends()}
+    described = {}
+    for role, path in parts:
+        entry = {"role": role, "file": path.name, "size_bytes": _size(path)}
+        part = contract.describe(path)
+        described[role] = part
+        if part is not None:
+            entry["metadata"] = {k: v for k, v in part.metadata.items() if k.startswith("com.anemll")}
+            entry["functions"] = {name: {kind: [{"name": f.name, "shape": list(f.shape), "dtype": f.dtype,
+                                                 **({"shapes": [list(s) for s in f.shapes]} if f.shapes else {})}
+                                                for f in getattr(sig, kind)]
+                                         for kind in ("inputs", "outputs", "states")}
+                                  for name, sig in part.functions.items()}
+            entry.update(_program_facts(path))
+        card["parts"].append(entry)
+    card["parameters"] = sum(p.get("parameters", 0) for p in card["parts"])
+    card["size_bytes"] = sum(p["size_bytes"] for p in card["parts"])
+    try:
+        tokenizer_size = len(load_tokenizer(bundle))
+        card["tokenizer_size"] = tokenizer_size
+        geometry = contract.cross_check(bundle, described["embeddings"],
+                                        [described[f"chunk {i}"] for i in range(1, len(bundle.chunks) + 1)],
+                                        described["lm_head"], tokenizer_size)
+        card["consistency"] = {"ok": True, "context_length": geometry.context_length,
+                               "batch_size": geometry.batch_size, "hidden_size": geometry.hidden_size,
+                               "state_shape": list(geometry.state_shape or ()),
+                               "vocab_size": sum(geometry.logits_widths)}
+    except ValueError as e:
+        card["consistency"] = {"ok": False, "problems": str(e)}
+    return card
+
+
+def _backends() -> dict:
+    ok, why = coreml_available()
+    return {"mil": "available (portable runtime)", "coreml": "available" if ok else f"unavailable: {why}"}
+
+
+def format_card(card: dict) -> str:
+    lines = [f"{card['name']}  ({card['architecture']})  {card['directory']}"]
+    c = card["consistency"]
+    if c["ok"]:
+        lines.append(f"consistency: OK  context {c['context_length']}, prefill batch {c['batch_size']}, hidden "
+                     f"{c['hidden_size']}, vocab {c['vocab_size']} (tokenizer {card.get('tokenizer_size')}), "
+                     f"state {tuple(c['state_shape'])}")
+    else:
+        lines.append(f"consistency: FAILED  {c['problems']}")
+    lines.append(f"parameters: {card['parameters']:,}   size on disk: {card['size_bytes'] / 2**20:.1f} MiB")
+    if card["meta"]:
+        lines.append("meta.yaml: " + ", ".join(f"{k}={v}" for k, v in card["meta"].items()))
+    for p in card["parts"]:
+        lut = f"LUT {'/'.join(map(str, p['lut_bits']))}-bit" if p.get("lut_bits") else "fp16 (no LUT)"
+        lines.append(f"\n[{p['role']}] {p['file']}  {p['size_bytes'] / 2**20:.2f} MiB  {lut}  "
+                     f"{p.get('parameters', 0):,} params")
+        if p.get("metadata"):
+            lines.append("  metadata: " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in p["metadata"].items()))
+        for fname, io in p.get("functions", {}).items():
+            lines.append(f"  function {fname}:")
+            for kind in ("inputs", "outputs", "states"):
+                for f in io[kind]:
+                    shape = " | ".join(str(tuple(s)) for s in f["shapes"]) if f.get("shapes") else str(tuple(f["shape"]))
+                    lines.append(f"    {kind[:-1]:6} {f['name']:24} {shape:22} {f['dtype']}")
+            ops = p.get("ops", {}).get(fname, {})
+            if ops:
+                lines.append("    ops: " + ", ".join(f"{k}×{v}" for k, v in ops.items()))
+    lines.append("\nbackends: " + "; ".join(f"{k}: {v}" for k, v in card["backends"].items()))
+    return "\n".join(lines)

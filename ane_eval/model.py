@@ -1,0 +1,156 @@
+"""ANEModel: the prefill/infer protocol over embeddings -> FFN chunks -> LM head (ANEMLL-CONTRACT.md §4).
+
+One KV-cache state is shared by every chunk and both functions. The model remembers which tokens its cache
+holds (`history`), so a caller can rewind to a shared prefix and feed only the new tokens: stale slots beyond the
+current position are hidden by the causal mask and overwritten later, so no state copy is ever needed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import contract
+from .backends import select
+from .bundle import discover, load_tokenizer
+from .contract import ContractError
+
+
+class ContextOverflowError(ValueError):
+    pass
+
+
+def causal_mask(context: int) -> np.ndarray:
+    """Additive fp16 (1, 1, C, C): 0 where key <= query, -inf elsewhere."""
+    mask = np.triu(np.full((context, context), -np.inf, dtype=np.float32), k=1)
+    return mask.astype(np.float16)[None, None]
+
+
+class ANEModel:
+    def __init__(self, model_dir, backend: str = "auto", precision: str = "fp16", compute_units: str = "CPU_AND_NE"):
+        self.backend_impl = select(backend, precision=precision, compute_units=compute_units)
+        self.backend = self.backend_impl.name
+        self.precision = precision
+        self.bundle = discover(Path(model_dir), backend=self.backend)
+        self.tokenizer = load_tokenizer(self.bundle)
+        b = self.bundle
+        self.parts = {"embeddings": contract.describe(b.embeddings), "lm_head": contract.describe(b.lm_head)}
+        self.chunk_parts = [contract.describe(p) for p in b.chunks]
+        load = self.backend_impl.load
+        self._embeddings = load(b.embeddings)
+        self._chunks = [(load(p, "infer"), load(p, "prefill")) for p in b.chunks]
+        self._lm_head = load(b.lm_head)
+        width = self._embedding_width()
+        self.geometry = contract.cross_check(b, self.parts["embeddings"], self.chunk_parts, self.parts["lm_head"],
+                                             len(self.tokenizer), embeddings_width=width)
+        self.context_length = self.geometry.context_length
+        self.batch_size = self.geometry.batch_size
+        self.num_chunks = len(b.chunks)
+        self._mask = causal_mask(self.context_length)
+        self.token_evaluations = 0  # embedding rows pushed through the chunks (prefill rows + infer tokens)
+        self.reset()
+
+    # --- properties ------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.bundle.name
+
+    @property
+    def vocab_size(self) -> int:
+        return sum(self.geometry.logits_widths) if self.geometry.logits_widths else len(self.tokenizer)
+
+    @property
+    def history(self) -> list[int]:
+        """Tokens whose keys/values the cache holds at positions 0..len-1."""
+        return list(self._history)
+
+    def __repr__(self) -> str:
+        return (f"<ANEModel {self.name} backend={self.backend_impl.describe()} context={self.context_length} "
+                f"batch={self.batch_size} chunks={self.num_chunks}>")
+
+    # --- protocol --------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """A fresh zeroed state: nothing from an earlier prompt can leak into the next."""
+        self._state = self._chunks[0][1].make_state()
+        self._history: list[int] = []
+
+    def prefill(self, token_ids, start: int = 0) -> None:
+        """Put `token_ids` at positions start.. in the cache, in batches of the compiled size (right-padded).
+        Positions before `start` must already hold the caller's prefix (from earlier calls)."""
+        ids = [int(t) for t in token_ids]
+        if start < 0 or start > len(self._history):
+            raise ValueError(f"prefill start {start} is beyond the {len(self._history)} tokens in the cache")
+        end = start + len(ids)
+        if end > self.context_length:
+            raise ContextOverflowError(f"prefill of {len(ids)} tokens from position {start} ends at {end}, past the "
+                                       f"context length {self.context_length}; truncate the input")
+        seq = self._history[:start] + ids
+        self._history = seq
+        B, C = self.batch_size, self.context_length
+        pos = start
+        while pos < end:
+            # a batch never runs past the context end: start it earlier and re-feed tokens already in the cache
+            batch_pos = min(pos, C - B)
+            rows = seq[batch_pos:batch_pos + B]
+            self._run_prefill(batch_pos, rows + [0] * (B - len(rows)))
+            pos = batch_pos + B
+
+    def infer(self, token_id: int, pos: int) -> np.ndarray:
+        """Logits (V,) float32 for the token after position `pos`, given `token_id` at `pos` and the cached
+        prefix 0..pos-1 (which must be in the cache)."""
+        if pos < 0 or pos > len(self._history):
+            raise ValueError(f"infer at position {pos} needs positions 0..{pos - 1} in the cache, which holds "
+                             f"{len(self._history)}")
+        if pos >= self.context_length:
+            raise ContextOverflowError(f"position {pos} is past the context length {self.context_length}; "
+                                       "truncate the input")
+        self._history = self._history[:pos] + [int(token_id)]
+        hidden = self._embed(np.array([[token_id]], dtype=np.int32))
+        position = np.array([pos], dtype=np.int32)
+        for i, (infer, _) in enumerate(self._chunks):
+            inputs = {"hidden_states": hidden, "position_ids": position,
+                      "causal_mask": self._mask[:, :, pos:pos + 1, :], "current_pos": position}
+            hidden = self._call(infer, self.chunk_parts[i], "infer", inputs)["output_hidden_states"]
+        self.token_evaluations += 1
+        out = self._call(self._lm_head, self.parts["lm_head"], None, {"hidden_states": hidden})
+        return np.concatenate([out[f"logits{k}"].reshape(-1) for k in range(1, len(out) + 1)]).astype(np.float32)
+
+    # --- internals -------------------------------------------------------------------------------------------
+    def _run_prefill(self, batch_pos: int, rows: list[int]) -> None:
+        B = self.batch_size
+        hidden = self._embed(np.array([rows], dtype=np.int32))
+        inputs = {"position_ids": np.arange(batch_pos, batch_pos + B, dtype=np.int32),
+                  "causal_mask": self._mask[:, :, batch_pos:batch_pos + B, :],
+                  "current_pos": np.array([batch_pos], dtype=np.int32)}
+        for i, (_, prefill) in enumerate(self._chunks):
+            out = self._call(prefill, self.chunk_parts[i], "prefill", {"hidden_states": hidden, **inputs})
+            hidden = out["output_hidden_states"]  # the last chunk's prefill output is row 0 only: discarded
+        self.token_evaluations += B
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return self._call(self._embeddings, self.parts["embeddings"], None, {"input_ids": ids})["hidden_states"]
+
+    def _call(self, predictor, part, function, inputs: dict) -> dict:
+        if part is not None:
+            where = f"{part.name} {function}" if function else part.name
+            contract.check_inputs(where, part.signature(function), inputs, self._hints())
+        state = self._state if function else None
+        return predictor.predict(inputs, state) if state is not None else predictor.predict(inputs)
+
+    def _hints(self) -> dict:
+        return {"hidden_states": f"pad to the compiled batch {self.batch_size}",
+                "input_ids": f"input_ids are int32 of shape (1, 1) or (1, {self.batch_size})",
+                "causal_mask": f"the mask is fp16 (1, 1, rows, {self.context_length})",
+                "position_ids": "position_ids are int32", "current_pos": "current_pos is int32 (1,)"}
+
+    def _embedding_width(self) -> int | None:
+        """The embeddings declare no output shape: run one token to learn the hidden size."""
+        out = self._embeddings.predict({"input_ids": np.zeros((1, 1), dtype=np.int32)})["hidden_states"]
+        return int(out.shape[-1])
+
+
+def load_model(model_dir, backend: str = "auto", precision: str = "fp16", compute_units: str = "CPU_AND_NE") -> ANEModel:
+    return ANEModel(model_dir, backend=backend, precision=precision, compute_units=compute_units)
+
+
+__all__ = ["ANEModel", "load_model", "causal_mask", "ContextOverflowError", "ContractError"]

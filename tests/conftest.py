@@ -1,0 +1,83 @@
+"""Fixtures of the project's own tests: the demo model, its HF reference, tiny random checkpoints."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ane_eval import demo
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    return demo.model_dir()
+
+
+@pytest.fixture(scope="session")
+def hf_demo():
+    """The demo checkpoint in HF transformers, fp32: the reference every numeric test compares against."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(demo.checkpoint_dir(), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].float().numpy()
+
+
+def psnr(ref: np.ndarray, got: np.ndarray) -> float:
+    rmse = float(np.sqrt(np.mean((ref.astype(np.float64) - got.astype(np.float64)) ** 2)))
+    return float("inf") if rmse == 0 else 20 * np.log10(float(np.abs(ref).max()) / rmse)
+
+
+def write_checkpoint(path: Path, *, model_type="llama", layers=2, hidden=64, heads=4, kv_heads=2, inter=96,
+                     vocab=1024, tie=False, seed=0, bias=False, qk_norm=False) -> Path:
+    """A random HF checkpoint written with numpy only; weights are exactly representable in fp16."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    d = hidden // heads
+
+    def w(*shape, scale=0.08):
+        return (rng.standard_normal(shape) * scale).astype(np.float16).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(vocab, hidden, scale=0.5), "model.norm.weight": 1 + w(hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t.update({
+            p + "self_attn.q_proj.weight": w(heads * d, hidden), p + "self_attn.k_proj.weight": w(kv_heads * d, hidden),
+            p + "self_attn.v_proj.weight": w(kv_heads * d, hidden), p + "self_attn.o_proj.weight": w(hidden, heads * d),
+            p + "mlp.gate_proj.weight": w(inter, hidden), p + "mlp.up_proj.weight": w(inter, hidden),
+            p + "mlp.down_proj.weight": w(hidden, inter), p + "input_layernorm.weight": 1 + w(hidden),
+            p + "post_attention_layernorm.weight": 1 + w(hidden),
+        })
+        if bias:
+            for n, size in (("q", heads * d), ("k", kv_heads * d), ("v", kv_heads * d)):
+                t[p + f"self_attn.{n}_proj.bias"] = w(size)
+        if qk_norm:
+            t[p + "self_attn.q_norm.weight"] = 1 + w(d)
+            t[p + "self_attn.k_norm.weight"] = 1 + w(d)
+    if not tie:
+        t["lm_head.weight"] = w(vocab, hidden, scale=0.3)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.astype(np.float16) for k, v in t.items()}, str(path / "model.safetensors"))
+    config = {"model_type": model_type, "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                                            "qwen3": "Qwen3ForCausalLM"}[model_type]],
+              "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": d, "vocab_size": vocab,
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 256,
+              "tie_word_embeddings": tie, "attention_bias": bias, "torch_dtype": "float16"}
+    (path / "config.json").write_text(json.dumps(config))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(demo.checkpoint_dir() / f, path / f)
+    return path

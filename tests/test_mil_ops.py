@@ -1,0 +1,253 @@
+"""Kernels against reference semantics: coremltools' own `value_inference` where an op has one (the MIL op
+definitions' numpy implementation), numpy/torch formulas otherwise."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ane_eval.mil import KERNELS
+from ane_eval.mil.interpreter import _coercer
+from ane_eval.mil.ir import TensorType
+
+rng = np.random.default_rng(0)
+
+
+def r(*shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def oracle(op_name: str, **kwargs):
+    """The op's value as coremltools computes it while building a program from constants."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    box = {}
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1,))], opset_version=ct.target.iOS18)
+    def prog(dummy):
+        box["out"] = getattr(mb, op_name)(**kwargs)
+        return dummy
+
+    out = box["out"]
+    if isinstance(out, (tuple, list)):
+        return [o.val for o in out]
+    assert out.val is not None, f"{op_name} has no value inference"
+    return out.val
+
+
+def _torch_conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1):
+    import torch
+    import torch.nn.functional as F
+
+    n = x.ndim - 2
+    strides, dilations = strides or [1] * n, dilations or [1] * n
+    if pad_type == "custom":
+        widths = pad
+    elif pad_type in ("same", "same_lower"):
+        widths = []
+        for i in range(n):
+            eff = (weight.shape[2 + i] - 1) * dilations[i] + 1
+            size = x.shape[2 + i]
+            total = max((math.ceil(size / strides[i]) - 1) * strides[i] + eff - size, 0)
+            lo, hi = (total // 2, total - total // 2) if pad_type == "same" else (total - total // 2, total // 2)
+            widths += [lo, hi]
+    else:
+        widths = [0] * (2 * n)
+    torch_pad = [w for i in reversed(range(n)) for w in (widths[2 * i], widths[2 * i + 1])]  # last dim first
+    xt = F.pad(torch.tensor(x), torch_pad)
+    fn = F.conv1d if n == 1 else F.conv2d
+    b = torch.tensor(bias) if bias is not None else None
+    return fn(xt, torch.tensor(weight), b, stride=strides, dilation=dilations, groups=groups).numpy()
+
+
+def _torch_instance_norm(x, gamma, beta, epsilon):
+    import torch
+
+    return torch.nn.functional.instance_norm(torch.tensor(x), weight=torch.tensor(gamma), bias=torch.tensor(beta),
+                                             eps=epsilon).numpy()
+
+
+# ops coremltools cannot evaluate on constants: compared with torch instead
+TORCH_REFERENCE = {
+    "conv": _torch_conv,
+    "instance_norm": _torch_instance_norm,
+    "silu": lambda x: __import__("torch").nn.functional.silu(__import__("torch").tensor(x)).numpy(),
+}
+
+
+def run(op_name: str, **kwargs):
+    return KERNELS[op_name](**kwargs)
+
+
+X = r(2, 3, 4)
+CASES = [
+    ("add", dict(x=X, y=r(4))), ("sub", dict(x=X, y=r(3, 1))), ("mul", dict(x=X, y=np.float32(-2.5))),
+    ("real_div", dict(x=X, y=r(2, 3, 4) + 3)), ("maximum", dict(x=X, y=r(4))), ("minimum", dict(x=X, y=r(4))),
+    ("pow", dict(x=np.abs(X) + 0.1, y=np.float32(1.5))), ("floor_div", dict(x=X * 4, y=np.float32(1.5))),
+    ("mod", dict(x=np.abs(X) * 4, y=np.float32(1.5))),
+    ("greater_equal", dict(x=X, y=np.float32(0))), ("greater", dict(x=X, y=r(4))), ("less", dict(x=X, y=r(4))),
+    ("less_equal", dict(x=X, y=r(4))), ("equal", dict(x=np.array([1, 2, 3], np.int32), y=np.int32(2))),
+    ("not_equal", dict(x=np.array([1, 2, 3], np.int32), y=np.int32(2))),
+    ("logical_and", dict(x=X > 0, y=X < 1)), ("logical_or", dict(x=X > 0, y=X < -1)),
+    ("logical_xor", dict(x=X > 0, y=X < 1)), ("logical_not", dict(x=X > 0)),
+    ("exp", dict(x=X)), ("log", dict(x=np.abs(X) + 0.5)), ("sqrt", dict(x=np.abs(X))),
+    ("rsqrt", dict(x=np.abs(X) + 0.5)), ("inverse", dict(x=np.abs(X) + 0.5)), ("abs", dict(x=X)),
+    ("floor", dict(x=X * 3)), ("ceil", dict(x=X * 3)), ("sign", dict(x=X)), ("sin", dict(x=X)), ("cos", dict(x=X)),
+    ("tanh", dict(x=X)), ("sigmoid", dict(x=X)), ("relu", dict(x=X)), ("erf", dict(x=X)), ("square", dict(x=X)),
+    ("silu", dict(x=X)), ("softplus", dict(x=X)), ("leaky_relu", dict(x=X, alpha=0.2)), ("elu", dict(x=X, alpha=0.7)),
+    ("clip", dict(x=X, alpha=-0.5, beta=0.5)),
+    ("gelu", dict(x=X, mode="EXACT")), ("gelu", dict(x=X, mode="TANH_APPROXIMATION")),
+    ("gelu", dict(x=X, mode="SIGMOID_APPROXIMATION")),
+    ("select", dict(cond=X > 0, a=X, b=r(4))),
+    ("reduce_sum", dict(x=X, axes=[-1], keep_dims=True)), ("reduce_mean", dict(x=X, axes=[0, 2])),
+    ("reduce_max", dict(x=X, axes=[1])), ("reduce_min", dict(x=X, axes=[-2], keep_dims=True)),
+    ("reduce_prod", dict(x=X, axes=[2])), ("reduce_sum_square", dict(x=X, axes=[1])),
+    ("reduce_l2_norm", dict(x=X, axes=[2])), ("reduce_l1_norm", dict(x=X, axes=[2])),
+    ("reduce_log_sum_exp", dict(x=X, axes=[-1])), ("reduce_argmax", dict(x=X, axis=-1)),
+    ("reduce_argmin", dict(x=X, axis=1, keep_dims=True)),
+    ("softmax", dict(x=X, axis=-1)), ("softmax", dict(x=X, axis=0)),
+    ("layer_norm", dict(x=X, axes=[-1], gamma=r(4), beta=r(4), epsilon=1e-5)),
+    ("layer_norm", dict(x=X, axes=[1, 2], epsilon=1e-3)),
+    ("instance_norm", dict(x=r(2, 3, 5), gamma=r(3), beta=r(3), epsilon=1e-5)),
+    ("l2_norm", dict(x=r(2, 3, 4, 5), epsilon=1e-6)),
+    ("linear", dict(x=r(2, 5, 8), weight=r(6, 8), bias=r(6))),
+    ("matmul", dict(x=r(2, 3, 4), y=r(2, 4, 5))), ("matmul", dict(x=r(2, 3, 4), y=r(2, 5, 4), transpose_y=True)),
+    ("matmul", dict(x=r(4, 3), y=r(1, 4, 5), transpose_x=True)), ("matmul", dict(x=r(4), y=r(4, 3))),
+    ("conv", dict(x=r(1, 8, 1, 5), weight=r(6, 8, 1, 1))),
+    ("conv", dict(x=r(1, 8, 1, 5), weight=r(6, 8, 1, 1), bias=r(6))),
+    ("conv", dict(x=r(2, 4, 9), weight=r(6, 2, 3), groups=2, strides=[2], pad_type="same")),
+    ("conv", dict(x=r(1, 4, 7, 6), weight=r(4, 1, 3, 3), groups=4, dilations=[2, 1], pad_type="custom",
+                  pad=[1, 2, 0, 1])),
+    ("conv", dict(x=r(1, 3, 8, 8), weight=r(5, 3, 3, 2), strides=[2, 3], pad_type="valid")),
+    ("conv", dict(x=r(1, 3, 7), weight=r(2, 3, 4), pad_type="same_lower")),
+    ("reshape", dict(x=X, shape=[4, -1])), ("expand_dims", dict(x=X, axes=[0, -1])),
+    ("squeeze", dict(x=r(1, 3, 1), axes=[0])), ("squeeze", dict(x=r(1, 3, 1))),
+    ("transpose", dict(x=X, perm=[2, 0, 1])), ("tile", dict(x=X, reps=[1, 2, 3])),
+    ("concat", dict(values=[X, r(2, 3, 2)], axis=-1)),
+    ("stack", dict(values=[X, X], axis=1)),
+    ("slice_by_index", dict(x=X, begin=[0, 1, 0], end=[2, 3, 4], stride=[1, 1, 2])),
+    ("slice_by_index", dict(x=X, begin=[0, -2, 1], end=[0, 0, 0], end_mask=[True, True, True])),
+    ("slice_by_index", dict(x=X, begin=[1, 0, 0], end=[2, 3, 4], squeeze_mask=[True, False, False])),
+    ("slice_by_index", dict(x=X, begin=[0, 2, 3], end=[2, 0, 0], stride=[1, -1, -1], end_mask=[False, True, True])),
+    ("slice_by_size", dict(x=X, begin=[0, 1, 1], size=[2, -1, 2])),
+    ("slice_update", dict(x=X, update=r(1, 2, 4), begin=[1, 1, 0], end=[2, 3, 4])),
+    ("gather", dict(x=r(10, 4), indices=np.array([[1, 9], [0, 3]], np.int32), axis=0)),
+    ("gather", dict(x=r(3, 10), indices=np.array([4, 2, 2], np.int16), axis=-1)),
+    ("gather_along_axis", dict(x=r(3, 4), indices=np.array([[0, 3], [1, 1], [2, 0]], np.int32), axis=1)),
+    ("band_part", dict(x=r(5, 5), lower=1, upper=0)), ("band_part", dict(x=r(2, 4, 6), lower=-1, upper=2)),
+    ("fill", dict(shape=np.array([2, 3], np.int32), value=1.5)),
+    ("range_1d", dict(end=np.float32(5), start=np.float32(0.5), step=np.float32(1.5))),
+    ("shape", dict(x=X)), ("pad", dict(x=r(2, 3), pad=np.array([1, 2, 0, 1], np.int32), constant_val=0.5)),
+    ("pad", dict(x=r(1, 2, 5), pad=np.array([2, 1], np.int32), mode="reflect")),
+    ("split", dict(x=r(4, 6), axis=1, num_splits=3)), ("split", dict(x=r(4, 6), axis=1, split_sizes=[1, 5])),
+    ("topk", dict(x=r(3, 6), k=2, axis=-1)), ("argsort", dict(x=r(3, 6), axis=-1)),
+    ("scaled_dot_product_attention", dict(query=r(1, 2, 3, 4), key=r(1, 2, 5, 4), value=r(1, 2, 5, 4),
+                                          attn_mask=r(3, 5))),
+    ("scaled_dot_product_attention", dict(query=r(1, 2, 3, 4), key=r(1, 2, 5, 4), value=r(1, 2, 5, 4),
+                                          attn_mask=np.tril(np.ones((3, 5), bool)))),
+]
+
+
+@pytest.mark.parametrize("op_name, kwargs", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_kernel_matches_reference(op_name, kwargs):
+    ours = run(op_name, **kwargs)
+    ref = TORCH_REFERENCE[op_name](**kwargs) if op_name in TORCH_REFERENCE else oracle(op_name, **kwargs)
+    ours_list = list(ours) if isinstance(ours, tuple) else [ours]
+    ref_list = ref if isinstance(ref, list) else [ref]
+    for a, b in zip(ours_list, ref_list):
+        np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64),
+                                   rtol=2e-5, atol=2e-5)
+        assert np.asarray(a).shape == np.asarray(b).shape
+
+
+def test_ops_without_value_inference_match_formulas():
+    import torch
+
+    x = r(2, 3, 8)
+    w = r(6, 4, 3)
+    xt = r(1, 8, 12)
+    ref = torch.nn.functional.conv1d(torch.tensor(xt), torch.tensor(w), stride=2, padding=2, dilation=2,
+                                     groups=2).numpy()
+    ours = run("conv", x=xt, weight=w, strides=[2], dilations=[2], groups=2, pad_type="custom", pad=[2, 2])
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    q, k, v = r(1, 2, 3, 4), r(1, 2, 5, 4), r(1, 2, 5, 4)
+    mask = np.tril(np.ones((3, 5), bool), 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(torch.tensor(q), torch.tensor(k), torch.tensor(v),
+                                                           attn_mask=torch.tensor(mask)).numpy()
+    np.testing.assert_allclose(run("scaled_dot_product_attention", query=q, key=k, value=v, attn_mask=mask), ref,
+                               rtol=1e-5, atol=1e-5)
+    # concat interleave as documented (coremltools' value inference ignores the flag)
+    a, b = r(3, 2), r(3, 2)
+    out = run("concat", values=[a, b], axis=0, interleave=True)
+    np.testing.assert_array_equal(out[0::2], a)
+    np.testing.assert_array_equal(out[1::2], b)
+    silu = run("silu", x=x)
+    np.testing.assert_allclose(silu, torch.nn.functional.silu(torch.tensor(x)).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_constexpr_lut_to_dense_grouped_channels():
+    """iOS18 form as the palettizer writes it: LUT (Cout/8, 1, 1, 1, 2^n, 1), one LUT per 8 output channels."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+
+    lut = rng.standard_normal((2, 1, 1, 1, 16, 1)).astype(np.float16)
+    indices = rng.integers(0, 16, (16, 3, 1, 1)).astype(types.np_uint4_dtype)
+    ours = run("constexpr_lut_to_dense", indices=indices.astype(np.uint8), lut=lut.astype(np.float32))
+    box = {}
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1,))], opset_version=ct.target.iOS18)
+    def prog(dummy):
+        box["v"] = mb.constexpr_lut_to_dense(indices=indices, lut=lut)
+        return dummy
+
+    np.testing.assert_array_equal(ours, box["v"].op.materialized_val_inference().astype(np.float32))
+    expected = np.stack([lut[c // 8, 0, 0, 0, indices[c].astype(int), 0] for c in range(16)])
+    np.testing.assert_array_equal(ours, expected.astype(np.float32))
+
+
+def test_constexpr_affine_and_blockwise():
+    q = rng.integers(-8, 8, (4, 6)).astype(np.int8)
+    out = run("constexpr_affine_dequantize", quantized_data=q, zero_point=np.int8(1), scale=np.float32(0.5), axis=0)
+    np.testing.assert_array_equal(out, (q.astype(np.float32) - 1) * 0.5)
+    scale = r(4, 2)
+    offset = r(4, 2)
+    out = run("constexpr_blockwise_shift_scale", data=q, scale=scale, offset=offset)
+    expected = (q - np.repeat(offset, 3, axis=1)) * np.repeat(scale, 3, axis=1)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_fp16_rounding_overflows_to_inf_and_casts_wrap():
+    to_fp16 = _coercer(TensorType("fp16", (3,)), round_fp16=True)
+    out = to_fp16(np.array([70000.0, -1e6, 1.0001], np.float32))
+    assert np.isposinf(out[0]) and np.isneginf(out[1]) and out[2] == np.float32(np.float16(1.0001))
+    keep = _coercer(TensorType("fp16", (1,)), round_fp16=False)
+    assert keep(np.array([1.0001], np.float32))[0] == np.float32(1.0001)
+    to_int16 = _coercer(TensorType("int16", (3,)), round_fp16=True)
+    np.testing.assert_array_equal(to_int16(np.array([40000, -3, 7], np.int32)), np.array([-25536, -3, 7], np.int16))
+    to_uint16 = _coercer(TensorType("uint16", (2,)), round_fp16=True)
+    np.testing.assert_array_equal(to_uint16(np.array([-1, 5], np.int32)), np.array([65535, 5], np.uint16))
+    to_int32 = _coercer(TensorType("int32", (2,)), round_fp16=True)
+    np.testing.assert_array_equal(to_int32(np.array([2.7, -2.7], np.float32)), np.array([2, -2], np.int32))
+
+
+def test_gather_refuses_out_of_bounds_indices():
+    from ane_eval.mil.ops import OpError
+
+    with pytest.raises(OpError, match="index 10 out of bounds for an axis of size 10"):
+        run("gather", x=r(10, 2), indices=np.array([10], np.int32), axis=0)
+    # negative indices within range wrap (the converter's select fix makes them positive anyway)
+    np.testing.assert_array_equal(run("gather", x=np.arange(5.0), indices=np.array([-1]), axis=0), [4.0])
+
+
+def test_every_contract_op_has_a_kernel():
+    contract_ops = ("read_state write_state slice_update slice_by_index gather select greater_equal cast concat "
+                    "layer_norm conv linear matmul mul add sub silu exp reduce_max reduce_sum real_div softmax "
+                    "reshape transpose expand_dims squeeze tile identity const constexpr_lut_to_dense").split()
+    issue_ops = ("gelu sigmoid relu tanh log sqrt rsqrt pow gather_along_axis slice_by_size split stack logical_and "
+                 "band_part fill range_1d shape scaled_dot_product_attention constexpr_affine_dequantize "
+                 "constexpr_blockwise_shift_scale instance_norm l2_norm reduce_mean reduce_min").split()
+    assert [o for o in contract_ops + issue_ops if o not in KERNELS] == []
+    assert math.isclose(float(run("rsqrt", x=np.float32(4.0), epsilon=0.0)), 0.5)

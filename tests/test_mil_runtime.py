@@ -1,0 +1,263 @@
+"""The portable runtime end to end: the demo model reproduces HF transformers; bad files and inputs give errors."""
+from __future__ import annotations
+
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+import ane_eval
+from ane_eval import demo, mil
+from ane_eval.demo import world
+
+from .conftest import hf_logits, psnr
+
+
+def prompt_ids(tokenizer, n: int = 120) -> list[int]:
+    import random
+
+    rng = random.Random(3)
+    text = " ".join(world.document(rng) for _ in range(30))
+    ids = tokenizer.encode(text)
+    assert len(ids) >= n
+    return ids[:n]
+
+
+def runtime_logits(model, ids, split: int = 40) -> np.ndarray:
+    """Positions split.. after a prefill of ids[:split]; positions ..split token by token: both paths checked."""
+    model.reset()
+    model.prefill(ids[:split])
+    tail = [model.infer(t, p) for p, t in enumerate(ids) if p >= split]
+    model.reset()
+    head = [model.infer(t, p) for p, t in enumerate(ids[:split])]
+    return np.stack(head + tail)
+
+
+@pytest.fixture(scope="module")
+def models(demo_dir):
+    return {p: ane_eval.load_model(demo_dir, backend="mil", precision=p) for p in ("fp32", "fp16")}
+
+
+def test_fp32_reproduces_transformers(models, hf_demo):
+    model = models["fp32"]
+    ids = prompt_ids(model.tokenizer)
+    ref = hf_logits(hf_demo, ids)[:, :model.vocab_size]
+    got = runtime_logits(model, ids)
+    assert psnr(ref, got) >= 50
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_fp16_close_to_transformers(models, hf_demo):
+    model = models["fp16"]
+    ids = prompt_ids(model.tokenizer)
+    ref = hf_logits(hf_demo, ids)
+    got = runtime_logits(model, ids)
+    assert psnr(ref, got) >= 35
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+
+
+def dequantized_weights(lut_dir):
+    """The palettized weights as coremltools itself decodes them, mapped back to HF parameter names."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as load_milproto
+
+    def weights_in_order(path, function):
+        spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+        prog = load_milproto(spec, spec.specificationVersion, str(path / "Data/com.apple.CoreML/weights"))
+        out = []
+        for op in prog.functions[function].operations:
+            if op.op_type in ("conv", "linear"):
+                w = op.weight
+                val = w.op.materialized_val_inference() if w.op.op_type.startswith("constexpr") else w.val
+                out.append(np.asarray(val, dtype=np.float32).reshape(val.shape[0], -1))
+        return out
+
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    weights, layer = {}, 0
+    for chunk in sorted(lut_dir.glob("*_chunk_*.mlpackage")):
+        ws = weights_in_order(chunk, "infer")
+        for i in range(0, len(ws), len(names)):
+            for name, w in zip(names, ws[i:i + len(names)]):
+                weights[f"model.layers.{layer}.{name}.weight"] = w
+            layer += 1
+    head = next(lut_dir.glob("*_lm_head*.mlpackage"))
+    weights["lm_head.weight"] = np.concatenate(weights_in_order(head, "main"))
+    return weights
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_lut_build_matches_dequantized_reference(bits, hf_demo):
+    import copy
+
+    import torch
+
+    lut_dir = demo.model_dir(lut=bits)
+    ref_model = copy.deepcopy(hf_demo)
+    params = dict(ref_model.named_parameters())
+    dequant = dequantized_weights(lut_dir)
+    assert len(dequant) == 4 * 7 + 1
+    with torch.no_grad():
+        for name, w in dequant.items():
+            assert params[name].shape == w.shape, name
+            changed = not np.array_equal(params[name].numpy(), w)
+            params[name].copy_(torch.from_numpy(w))
+            assert changed or name.endswith("o_proj.weight"), f"{name} was not palettized"
+    model = ane_eval.load_model(lut_dir, backend="mil", precision="fp32")
+    ids = prompt_ids(model.tokenizer, 80)
+    ref = hf_logits(ref_model, ids)
+    got = runtime_logits(model, ids)
+    assert psnr(ref, got) >= 50
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    model16 = ane_eval.load_model(lut_dir, backend="mil", precision="fp16")
+    got16 = runtime_logits(model16, ids)
+    assert psnr(ref, got16) >= 35 and (got16.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+
+
+def test_in_place_state_updates_change_nothing(demo_dir, monkeypatch):
+    """The alias analysis that updates the KV cache in place gives bit-identical results to plain copies."""
+    from ane_eval.mil import interpreter
+
+    chunk = next(demo_dir.glob("*_chunk_01of02.mlpackage"))
+    fast = mil.load(chunk, "prefill")
+    assert any(s.in_place for s in fast._plan.steps)
+    monkeypatch.setattr(interpreter.Plan, "_plan_in_place", lambda self: None)
+    interpreter_plain = mil.MILModel(chunk, "prefill")
+    assert not any(s.in_place for s in interpreter_plain._plan.steps)
+    rng = np.random.default_rng(0)
+    inputs = {"hidden_states": rng.standard_normal((1, 32, 128)).astype(np.float16),
+              "position_ids": np.arange(32, 64, dtype=np.int32),
+              "causal_mask": ane_eval.model.causal_mask(256)[:, :, 32:64, :],
+              "current_pos": np.array([32], np.int32)}
+    s1, s2 = fast.make_state(), interpreter_plain.make_state()
+    for s in (s1, s2):
+        s.write_state("model_model_kv_cache_0", rng.standard_normal((8, 2, 256, 32)).astype(np.float16) * 0 + 0.5)
+    a = fast.predict(inputs, s1)["output_hidden_states"]
+    b = interpreter_plain.predict(inputs, s2)["output_hidden_states"]
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(s1.read_state("model_model_kv_cache_0"), s2.read_state("model_model_kv_cache_0"))
+
+
+def test_api_mirrors_coremltools(demo_dir):
+    chunk = next(demo_dir.glob("*_chunk_02of02.mlpackage"))
+    p = mil.load(chunk)
+    assert p.function_name == "infer" and p.functions == ["infer", "prefill"]
+    assert [f.name for f in p.input_description] == ["hidden_states", "position_ids", "causal_mask", "current_pos"]
+    assert [(f.name, f.shape, f.dtype) for f in p.state_description] == \
+        [("model_model_kv_cache_0", (8, 2, 256, 32), "fp16")]
+    assert p.user_defined_metadata["com.anemll.chunk_no"] == "2"
+    emb = mil.load(next(demo_dir.glob("*_embeddings.mlpackage")))
+    assert emb.input_description[0].shapes == ((1, 1), (1, 32))
+    out = emb.predict({"input_ids": np.array([[1, 2] * 16], np.int32)})
+    assert out["hidden_states"].shape == (1, 32, 128) and out["hidden_states"].dtype == np.float16
+
+
+def test_input_errors_name_model_function_input_and_expectation(demo_dir):
+    chunk = next(demo_dir.glob("*_chunk_01of02.mlpackage"))
+    p = mil.load(chunk, "prefill")
+    state = p.make_state()
+    good = {"hidden_states": np.zeros((1, 32, 128), np.float16), "position_ids": np.arange(32, dtype=np.int32),
+            "causal_mask": np.zeros((1, 1, 32, 256), np.float16), "current_pos": np.array([0], np.int32)}
+    p.predict(good, state)
+    name = chunk.name
+    with pytest.raises(mil.InputError, match=rf"{name} function 'prefill': undeclared input\(s\) \['update_mask'\]"):
+        p.predict({**good, "update_mask": np.zeros((1,), np.float16)}, state)
+    with pytest.raises(mil.InputError, match=r"input 'hidden_states' expects \(1, 32, 128\) fp16, got \(1, 10, 128\)"):
+        p.predict({**good, "hidden_states": np.zeros((1, 10, 128), np.float16)}, state)
+    with pytest.raises(mil.InputError, match=r"input 'current_pos' expects \(1,\) int32, got \(1,\) int64; "
+                                             r"convert with .astype\(np.int32\)"):
+        p.predict({**good, "current_pos": np.array([0])}, state)
+    with pytest.raises(mil.InputError, match="missing input"):
+        p.predict({k: v for k, v in good.items() if k != "causal_mask"}, state)
+    with pytest.raises(mil.InputError, match="pass state=model.make_state"):
+        p.predict(good)
+    with pytest.raises(mil.InputError, match=r"input 'input_ids' expects \(1, 1\) or \(1, 32\) int32"):
+        mil.load(next(demo_dir.glob("*_embeddings.mlpackage"))).predict({"input_ids": np.zeros((1, 5), np.int32)})
+
+
+def test_unsupported_ops_are_all_reported_at_load(demo_dir, monkeypatch):
+    from ane_eval.mil import ops
+
+    monkeypatch.delitem(ops.KERNELS, "silu")
+    monkeypatch.delitem(ops.KERNELS, "layer_norm")
+    with pytest.raises(mil.UnsupportedOpsError, match=r"layer_norm ×4, silu ×2"):
+        mil.MILModel(next(demo_dir.glob("*_chunk_01of02.mlpackage")), "prefill")
+
+
+@pytest.fixture()
+def head_copy(demo_dir, tmp_path):
+    dst = tmp_path / "head.mlpackage"
+    shutil.copytree(next(demo_dir.glob("*_lm_head.mlpackage")), dst)
+    return dst, dst / "Data/com.apple.CoreML/weights/weight.bin"
+
+
+def _patch(path, offset, data: bytes):
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+def test_bad_sentinel(head_copy):
+    pkg, weights = head_copy
+    _patch(weights, 64, struct.pack("<I", 0x12345678))
+    with pytest.raises(mil.BlobError, match=r"blob at offset 64: bad sentinel 0x12345678 \(expected 0xDEADBEEF\)"):
+        mil.load(pkg)
+
+
+def test_truncated_weights(head_copy):
+    pkg, weights = head_copy
+    with open(weights, "r+b") as fh:
+        fh.truncate(weights.stat().st_size // 2)
+    with pytest.raises(mil.BlobError, match="truncated or corrupt"):
+        mil.load(pkg)
+
+
+def test_offset_past_end(head_copy):
+    pkg, weights = head_copy
+    _patch(weights, 64 + 16, struct.pack("<Q", 1 << 40))  # the record's data offset
+    with pytest.raises(mil.BlobError, match=r"data of \d+ bytes at 1099511627776 does not hold"):
+        mil.load(pkg)
+
+
+def test_tiny_header(head_copy):
+    pkg, weights = head_copy
+    weights.write_bytes(b"\x01\x00")
+    with pytest.raises(mil.BlobError, match="shorter than its 64-byte header"):
+        mil.load(pkg)
+
+
+def test_weights_outside_the_package_are_refused(head_copy):
+    from ane_eval.mil import proto
+
+    pkg, _ = head_copy
+    spec_path = pkg / "Data/com.apple.CoreML/model.mlmodel"
+    spec = proto.read_spec(pkg)
+    fn = spec.mlProgram.functions["main"]
+    block = fn.block_specializations[fn.opset]
+    for op in block.operations:
+        if op.type == "const" and op.attributes["val"].WhichOneof("value") == "blobFileValue":
+            op.attributes["val"].blobFileValue.fileName = "@model_path/../../../../etc/passwd"
+            break
+    spec_path.write_bytes(spec.SerializeToString())
+    with pytest.raises(mil.ModelFormatError, match="points outside the model package"):
+        mil.load(pkg)
+
+
+def test_single_file_mlmodel_program(tmp_path):
+    """An ML Program stored as one .mlmodel file (all constants immediate) loads and runs."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2, 3))], opset_version=ct.target.iOS18)
+    def prog(x):
+        return mb.softmax(x=mb.mul(x=x, y=np.float32(2.0)), axis=-1, name="y")
+
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                       compute_precision=ct.precision.FLOAT32)
+    path = tmp_path / "tiny.mlmodel"
+    path.write_bytes(model.get_spec().SerializeToString())
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    y = mil.load(path).predict({"x": x})["y"]
+    e = np.exp(2 * x - (2 * x).max(-1, keepdims=True))
+    np.testing.assert_allclose(y, e / e.sum(-1, keepdims=True), rtol=1e-6)
