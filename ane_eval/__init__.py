@@ -11,3 +11,18 @@ def load_model(model_dir, backend: str = "auto", precision: str = "fp16", comput
     from .model import load_model as _load
 
     return _load(model_dir, backend=backend, precision=precision, compute_units=compute_units)
+
+
+def _register_with_lm_eval() -> None:
+    """Make `lm_eval ... --model ane` / get_model("ane") work once ane_eval is imported, without importing the
+    harness (and torch) now. lm_eval.models is imported first: registering before it hides the built-in models."""
+    try:
+        import lm_eval.models  # noqa: F401
+        from lm_eval.api.registry import model_registry
+    except ImportError:  # lm-eval is a dependency; tolerate a partial install of the runtime alone
+        return
+    if "ane" not in model_registry:
+        model_registry.register("ane", target="ane_eval.harness:ANELM")
+
+
+_register_with_lm_eval()

@@ -22,10 +22,6 @@ def checkpoint_dir() -> Path:
     return HERE / "checkpoint"
 
 
-def tasks_dir() -> Path:
-    return HERE / "tasks"
-
-
 def cache_root() -> Path:
     if os.environ.get("ANE_EVAL_CACHE"):
         return Path(os.environ["ANE_EVAL_CACHE"])
