@@ -171,3 +171,29 @@ def load_tokenizer(bundle: Bundle):
     except Exception as e:  # transformers raises OSError/ValueError/KeyError variants
         raise BundleError(f"{bundle.tokenizer_dir}: cannot load the tokenizer ({e.__class__.__name__}: "
                           f"{str(e).splitlines()[0]})") from None
+
+
+def fingerprint(bundle: Bundle) -> str:
+    """A stable identity of the model files: program specs and metadata in full, weight files by size and sampled
+    content (first, middle and last MiB), so multi-GB models fingerprint in well under a second."""
+    import hashlib
+
+    h = hashlib.sha256()
+    sample = 1 << 20
+    for part in [bundle.embeddings, *bundle.chunks, bundle.lm_head]:
+        files = sorted(f for f in part.rglob("*") if f.is_file()) if part.is_dir() else [part]
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.relative_to(part.parent)}:{size}".encode())
+            with open(f, "rb") as fh:
+                if size <= 3 * sample:
+                    h.update(fh.read())
+                else:
+                    for offset in (0, size // 2, size - sample):
+                        fh.seek(offset)
+                        h.update(fh.read(sample))
+    return h.hexdigest()
+
+
+def model_info(bundle: Bundle) -> dict:
+    return {"name": bundle.name, "path": str(bundle.root), "fingerprint": fingerprint(bundle)}

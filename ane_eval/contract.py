@@ -169,3 +169,41 @@ def cross_check(bundle, embeddings: Part | None, chunks: list, lm_head: Part | N
     state = next(iter(states.values()), None)
     return Geometry(context_length=C, batch_size=B, hidden_size=next(iter(hidden), 0), state_shape=state,
                     logits_widths=widths)
+
+
+def expected_interface(geometry: Geometry, num_chunks: int) -> dict:
+    """(part, function, kind, name) -> (shape, dtype) that the ANEMLL contract requires, from the geometry the
+    parts agree on. Shapes are tuples, or a tuple of alternatives for enumerated inputs; None = undeclared."""
+    C, B, H = geometry.context_length, geometry.batch_size, geometry.hidden_size
+    state = tuple(geometry.state_shape or ())
+    exp = {("embeddings", "main", "inputs", "input_ids"): (((1, 1), (1, B)), "int32"),
+           ("embeddings", "main", "outputs", "hidden_states"): (None, "fp16"),
+           ("lm_head", "main", "inputs", "hidden_states"): ((1, 1, H), "fp16")}
+    for k, width in enumerate(geometry.logits_widths, start=1):
+        exp[("lm_head", "main", "outputs", f"logits{k}")] = ((1, 1, width), "fp16")
+    for i in range(1, num_chunks + 1):
+        part = f"chunk{i:02d}"
+        for fn, T in (("infer", 1), ("prefill", B)):
+            exp[(part, fn, "inputs", "hidden_states")] = ((1, T, H), "fp16")
+            exp[(part, fn, "inputs", "position_ids")] = ((T,), "int32")
+            exp[(part, fn, "inputs", "causal_mask")] = ((1, 1, T, C), "fp16")
+            exp[(part, fn, "inputs", "current_pos")] = ((1,), "int32")
+            rows = 1 if (fn == "infer" or i == num_chunks) else B  # the last chunk's prefill returns row 0 only
+            exp[(part, fn, "outputs", "output_hidden_states")] = ((1, rows, H), "fp16")
+            exp[(part, fn, "states", STATE_NAME)] = (state, "fp16")
+    return exp
+
+
+def declared_interface(parts: dict) -> dict:
+    """The same keys, from what each part declares. `parts`: role -> Part (chunks as chunk01, chunk02, ...)."""
+    out = {}
+    for role, part in parts.items():
+        if part is None:
+            continue
+        for fn, sig in part.functions.items():
+            fn_key = "main" if role in ("embeddings", "lm_head") else fn
+            for kind in ("inputs", "outputs", "states"):
+                for f in getattr(sig, kind):
+                    shape = f.shapes if f.shapes else (tuple(f.shape) if f.shape else None)
+                    out[(role, fn_key, kind, f.name)] = (shape, f.dtype)
+    return out

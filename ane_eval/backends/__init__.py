@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 NAMES = ("auto", "coreml", "mil")
 
@@ -26,6 +27,25 @@ def coreml_available() -> tuple[bool, str]:
     except ImportError as e:
         return False, f"coremltools cannot reach the CoreML framework ({e})"
     return True, ""
+
+
+def chip_name() -> str:
+    """The CPU/SoC name for benchmark reports (e.g. "Apple M3 Max")."""
+    if platform.system() == "Darwin":
+        import subprocess
+
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip() or platform.machine()
+        except OSError:
+            return platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def select(name: str = "auto", precision: str = "fp16", compute_units: str = "CPU_AND_NE"):

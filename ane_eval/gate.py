@@ -1,0 +1,223 @@
+"""Thresholds, baselines and regression statistics over lm-eval results, shared by the pytest suite and the CLI.
+
+A task's *record* is what a baseline keeps of a run: metric values and standard errors, the task version, the
+few-shot count, the limit, the model files' fingerprint, and per-document correctness for item flips.
+A metric regresses when it falls by more than max(tolerance, z * sqrt(se_base² + se_now²)) — lm-eval's own
+comparison statistic, with a floor for metrics whose stderr is unknown.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BASELINE_FORMAT = "ane-eval-baseline/1"
+DEFAULT_Z = 1.96
+DEFAULT_TOLERANCE = 0.01
+
+
+class GateError(ValueError):
+    """A comparison that must not be made (different task version, few-shot count, limit or model)."""
+
+
+def _number(v):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def task_record(results: dict, task: str, *, limit=None, model: dict | None = None, samples=None) -> dict:
+    """What a baseline keeps of one task's lm-eval results (and logged samples)."""
+    res = results["results"][task]
+    metrics = {}
+    for key, value in res.items():
+        if "," not in key or "_stderr," in key or _number(value) is None:
+            continue
+        name, filt = key.split(",", 1)
+        metrics[key] = {"value": _number(value), "stderr": _number(res.get(f"{name}_stderr,{filt}"))}
+    record = {
+        "version": (results.get("versions") or {}).get(task),
+        "n-shot": (results.get("n-shot") or {}).get(task),
+        "limit": limit,
+        "model": model or {},
+        "higher_is_better": (results.get("higher_is_better") or {}).get(task, {}),
+        "metrics": metrics,
+        "task_hash": (results.get("task_hashes") or {}).get(task),
+    }
+    if samples:
+        record["items"] = item_scores(samples)
+    return record
+
+
+def item_scores(samples: list[dict]) -> dict:
+    """doc_id -> {metric: 0/1} for per-document binary metrics (acc, acc_norm, exact_match, ...)."""
+    items = {}
+    for s in samples:
+        scores = {k: float(v) for k, v in s.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("doc_id",) and v in (0, 1)}
+        if scores:
+            items[str(s["doc_id"])] = scores
+    return items
+
+
+@dataclass
+class Row:
+    task: str
+    metric: str  # "acc,none"
+    value: float
+    stderr: float | None = None
+    threshold: str = ""  # ">= 0.6" / "<= 30"
+    baseline: float | None = None
+    baseline_stderr: float | None = None
+    delta: float | None = None
+    allowed: float | None = None  # the fall the gate tolerates
+    verdict: str = "pass"
+    notes: list = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict.startswith("FAIL")
+
+
+def _direction(record: dict, metric: str) -> bool:
+    name = metric.split(",", 1)[0]
+    hib = record.get("higher_is_better", {})
+    if name in hib:
+        return bool(hib[name])
+    return not name.endswith(("perplexity", "bits_per_byte"))
+
+
+def check_compatible(now: dict, base: dict, task: str) -> None:
+    problems = []
+    for key, what in (("version", "task version"), ("n-shot", "few-shot count"), ("limit", "limit")):
+        if now.get(key) != base.get(key):
+            problems.append(f"{what} {base.get(key)!r} in the baseline, {now.get(key)!r} now")
+    if now.get("model", {}).get("fingerprint") and base.get("model", {}).get("fingerprint") and \
+            now["model"]["fingerprint"] != base["model"]["fingerprint"] and not base["model"].get("any_model"):
+        problems.append(f"model files differ (baseline {base['model'].get('name')} "
+                        f"{base['model']['fingerprint'][:12]}, now {now['model'].get('name')} "
+                        f"{now['model']['fingerprint'][:12]})")
+    if problems:
+        raise GateError(f"{task}: refusing to compare with a baseline made differently: " + "; ".join(problems))
+
+
+def evaluate_gate(task: str, record: dict, thresholds: dict | None = None, baseline: dict | None = None,
+                  tolerance: float | dict = DEFAULT_TOLERANCE, z: float = DEFAULT_Z,
+                  check_model: bool = True) -> list[Row]:
+    """One row per metric: threshold verdict, then regression verdict against the baseline record."""
+    thresholds = thresholds or {}
+    if baseline is not None:
+        base_copy = dict(baseline)
+        if not check_model:
+            base_copy["model"] = {**baseline.get("model", {}), "any_model": True}
+        check_compatible(record, base_copy, task)
+    rows = []
+    for metric, m in record["metrics"].items():
+        name = metric.split(",", 1)[0]
+        row = Row(task, metric, m["value"], m.get("stderr"))
+        higher = _direction(record, metric)
+        limit = thresholds.get(metric, thresholds.get(name))
+        if limit is not None:
+            bound, is_min = (limit.get("min"), True) if isinstance(limit, dict) and "min" in limit else \
+                (limit.get("max"), False) if isinstance(limit, dict) else (limit, higher)
+            row.threshold = f"{'>=' if is_min else '<='} {bound:g}"
+            if (is_min and m["value"] < bound) or (not is_min and m["value"] > bound):
+                row.verdict = "FAIL threshold"
+        if baseline is not None and metric in baseline["metrics"]:
+            b = baseline["metrics"][metric]
+            row.baseline, row.baseline_stderr = b["value"], b.get("stderr")
+            row.delta = m["value"] - b["value"]
+            tol = tolerance.get(metric, tolerance.get(name, DEFAULT_TOLERANCE)) if isinstance(tolerance, dict) \
+                else tolerance
+            se = math.sqrt((m.get("stderr") or 0.0) ** 2 + (b.get("stderr") or 0.0) ** 2)
+            row.allowed = max(tol, z * se)
+            fall = -row.delta if higher else row.delta
+            if fall > row.allowed and not row.failed:
+                row.verdict = "FAIL regression"
+            elif fall > row.allowed:
+                row.verdict += " + regression"
+            if "items" in record and "items" in baseline and name in _item_metrics(record):
+                lost, gained = flips(record["items"], baseline["items"], name)
+                if lost or gained:
+                    row.notes.append(f"{name}: {len(lost)} right before, wrong now"
+                                     + (f" (docs {', '.join(lost[:10])}{'…' if len(lost) > 10 else ''})" if lost else "")
+                                     + f"; {len(gained)} wrong before, right now"
+                                     + (f" (docs {', '.join(gained[:10])}{'…' if len(gained) > 10 else ''})"
+                                        if gained else ""))
+        rows.append(row)
+    return rows
+
+
+def _item_metrics(record: dict) -> set:
+    return {k for scores in record.get("items", {}).values() for k in scores}
+
+
+def flips(now: dict, before: dict, metric: str) -> tuple[list[str], list[str]]:
+    """(docs right before and wrong now, docs wrong before and right now) for a per-item metric."""
+    lost, gained = [], []
+    for doc in sorted(set(now) & set(before), key=lambda d: (len(d), d)):
+        a, b = before[doc].get(metric), now[doc].get(metric)
+        if a is None or b is None:
+            continue
+        if a == 1 and b == 0:
+            lost.append(doc)
+        elif a == 0 and b == 1:
+            gained.append(doc)
+    return lost, gained
+
+
+def _fmt(v, stderr=None) -> str:
+    if v is None:
+        return "-"
+    s = f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
+    return s + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+
+def format_table(rows: list[Row], markdown: bool = False) -> str:
+    header = ["task", "metric", "value ± stderr", "threshold", "baseline", "delta", "allowed fall", "verdict"]
+    body = [[r.task, r.metric, _fmt(r.value, r.stderr), r.threshold or "-", _fmt(r.baseline, r.baseline_stderr),
+             "-" if r.delta is None else f"{r.delta:+.4f}", "-" if r.allowed is None else f"{r.allowed:.4f}",
+             r.verdict] for r in rows]
+    notes = [n for r in rows for n in r.notes]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines + ([""] + [f"- {n}" for n in notes] if notes else []))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])] + [fmt.format(*row) for row in body]
+    return "\n".join(lines + notes)
+
+
+# --- files ----------------------------------------------------------------------------------------------------------
+def load_baseline(path) -> dict:
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise GateError(f"{path}: no such baseline file; create one with --update-baseline") from None
+    except ValueError as e:
+        raise GateError(f"{path}: not a JSON baseline file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != BASELINE_FORMAT or not isinstance(doc.get("tasks"), dict):
+        raise GateError(f"{path}: not an ane-eval baseline (expected format {BASELINE_FORMAT!r})")
+    return doc
+
+
+def write_baseline(path, records: dict, model: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": BASELINE_FORMAT, "model": model, "tasks": records}, indent=2) + "\n")
+    return path
+
+
+def write_summary(path, rows: list[Row], model: dict, backend: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    verdict = "FAILED" if any(r.failed for r in rows) else "passed"
+    text = (f"# ane-eval summary: {verdict}\n\nmodel: `{model.get('name')}` ({model.get('path')}), fingerprint "
+            f"`{str(model.get('fingerprint'))[:12]}`, backend: {backend}\n\n" + format_table(rows, markdown=True) + "\n")
+    path.write_text(text)
+    return path

@@ -1,0 +1,93 @@
+"""Running lm-eval tasks on an ANE model and writing lm-eval's own result files (shared by the suite and the CLI)."""
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("ane_eval")
+
+
+class TaskError(ValueError):
+    """An unknown task, or a task whose data cannot be reached: one readable line."""
+
+
+def task_manager(include_paths=()):
+    """lm-eval's TaskManager with the demo tasks and the user's include paths."""
+    from lm_eval.tasks import TaskManager
+
+    from .demo.tasks import tasks_dir
+
+    paths = [str(tasks_dir())]
+    for p in include_paths:
+        if not Path(p).is_dir():
+            raise TaskError(f"--include-path {p}: no such directory of task YAMLs")
+        paths.append(str(Path(p).resolve()))
+    return TaskManager(include_path=paths)
+
+
+def resolve_tasks(tm, names) -> list[str]:
+    """Split comma/space separated names and check each exists, suggesting close matches."""
+    wanted = [n for chunk in names for n in str(chunk).replace(",", " ").split() if n]
+    if not wanted:
+        raise TaskError("no tasks given; pass task names such as demo_boolq or arc_easy")
+    known = set(tm.all_tasks)
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        parts = []
+        for n in unknown:
+            close = difflib.get_close_matches(n, known, n=3, cutoff=0.6)
+            parts.append(f"{n!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise TaskError(f"unknown task {'; '.join(parts)}; list tasks with `lm-eval ls tasks` or add your YAMLs "
+                        "with --include-path")
+    return wanted
+
+
+def evaluate(lm, tasks: list[str], tm, *, num_fewshot=None, limit=None, apply_chat_template=False,
+             max_gen_toks=None, seed: int = 1234, use_cache: str | None = None, log_samples: bool = True,
+             bootstrap_iters: int = 1000, output_dir=None, model_name: str = "ane") -> dict:
+    """lm_eval.simple_evaluate on the ane model; with `output_dir`, lm-eval's results JSON and per-task samples
+    JSONL are written there (by lm-eval's EvaluationTracker, as its CLI does). A task whose dataset cannot be
+    reached raises TaskError."""
+    import lm_eval
+    from lm_eval.loggers import EvaluationTracker
+
+    tracker = EvaluationTracker(output_path=str(output_dir)) if output_dir else None
+    gen_kwargs = {"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm, model_args=f"model={model_name}", tasks=list(tasks), task_manager=tm,
+            num_fewshot=num_fewshot, limit=limit, apply_chat_template=apply_chat_template,
+            fewshot_as_multiturn=bool(apply_chat_template), gen_kwargs=gen_kwargs, log_samples=log_samples,
+            bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+            fewshot_random_seed=seed, use_cache=use_cache, evaluation_tracker=tracker)
+    except Exception as e:  # datasets/hub errors have many classes; only data-access failures are translated
+        if _is_data_error(e):
+            offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+            hint = ("offline mode is on and the dataset is not in the local cache: run once with network access to "
+                    "cache it, or use a local task (dataset_path: json)") if offline else "check the dataset path"
+            raise TaskError(f"cannot load the data of {', '.join(tasks)}: {str(e).splitlines()[0]} ({hint})") from None
+        raise
+    if tracker is not None:
+        _save(results, tracker)
+    return results
+
+
+def _is_data_error(e: Exception) -> bool:
+    names = {c.__name__ for c in type(e).__mro__}
+    if names & {"DatasetNotFoundError", "DataFilesNotFoundError", "ConnectionError", "OfflineModeIsEnabled",
+                "LocalEntryNotFoundError", "HFValidationError", "EmptyDatasetError"}:
+        return True
+    text = str(e)
+    return isinstance(e, (FileNotFoundError, OSError)) and ("dataset" in text.lower() or "hub" in text.lower())
+
+
+def _save(results: dict, tracker) -> None:
+    samples = results.pop("samples", None)
+    tracker.save_results_aggregated(results=results, samples=samples)
+    for task in results.get("configs", {}):
+        if samples and task in samples:
+            tracker.save_results_samples(task_name=task, samples=samples[task])
+    if samples is not None:
+        results["samples"] = samples
