@@ -1,6 +1,8 @@
 """The `ane-eval` command line.
 
-    ane-eval inspect DIR [--json]      what is inside a model directory, with consistency verdicts
+    ane-eval run --model DIR --tasks a,b [...]   evaluate (upstream runner's options), resumable with --use-cache
+    ane-eval inspect DIR [--json]                what is inside a model directory, with consistency verdicts
+    ane-eval compare A B [--json]                two results; exit status 1 on a regression (for CI)
 
 `demo` stands for the embedded demo model wherever a model directory is expected.
 Bad input gives one line and exit status 2 (`--debug` shows the traceback).
@@ -28,6 +30,55 @@ def cmd_inspect(args) -> int:
     return 0 if card["consistency"]["ok"] else 1
 
 
+def cmd_run(args) -> int:
+    from . import gate, runner
+    from .bundle import model_info
+    from .harness import ANELM
+    from .model import load_model
+
+    tm = runner.task_manager(args.include_path)
+    tasks = runner.resolve_tasks(tm, args.tasks)
+    model = load_model(resolve_model(args.model), backend=args.backend, precision=args.precision,
+                       compute_units=args.compute_units)
+    print(f"ane-eval: {model!r}", file=sys.stderr)
+    info = model_info(model.bundle)
+    lm = ANELM(model=model, seed=args.seed, batch_size=args.batch_size)
+    out = Path(args.output_dir)
+    if args.use_cache:
+        Path(args.use_cache).parent.mkdir(parents=True, exist_ok=True)
+    limit = int(args.limit) if args.limit is not None and float(args.limit).is_integer() else args.limit
+    results = runner.evaluate(lm, tasks, tm, num_fewshot=args.num_shots, limit=limit,
+                              apply_chat_template=args.apply_chat_template, max_gen_toks=args.max_tokens,
+                              seed=args.seed, use_cache=args.use_cache, output_dir=out,
+                              write_samples=args.log_samples, model_name=info["name"])
+    samples = results.get("samples") or {}
+    records = {t: gate.task_record(results, t, limit=limit, model=info, samples=samples.get(t))
+               for t in results.get("configs", {})}
+    rows = [row for t, rec in records.items() for row in gate.evaluate_gate(t, rec)]
+    gate.write_summary(out / "summary.md", rows, info, model.backend)
+    gate.write_baseline(out / "baseline.json", records, info)
+    from lm_eval.utils import make_table
+    print(make_table(results))
+    print(f"ane-eval: results in {out} (lm-eval results JSON{', samples JSONL' if args.log_samples else ''}, "
+          "summary.md, baseline.json)", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import gate
+
+    before, _ = gate.load_records(args.a)
+    now, _ = gate.load_records(args.b)
+    rows = gate.compare(before, now, tolerance=args.tolerance, z=args.z)
+    regressed = any(r.failed for r in rows)
+    if args.json:
+        print(json.dumps({"regression": regressed, "rows": [r.__dict__ for r in rows]}, indent=2))
+    else:
+        print(gate.format_table(rows))
+        print(f"\n{'REGRESSION' if regressed else 'no regression'}: B ({args.b}) against A ({args.a})")
+    return 1 if regressed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ane-eval", description="Evaluate and regression-gate LLMs converted for "
                                      "the Apple Neural Engine (ANEMLL layout), with CoreML or the portable runtime.")
@@ -37,6 +88,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="ANEMLL model directory, or 'demo' for the embedded demo model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("run", help="evaluate a model on lm-eval tasks (the upstream runner's options)")
+    p.add_argument("--model", required=True, help="ANEMLL model directory, or 'demo'")
+    p.add_argument("--tasks", required=True, nargs="+", help="task names, comma- or space-separated")
+    p.add_argument("--num-shots", type=int, default=None, help="few-shot examples (default: the task's)")
+    p.add_argument("--batch-size", default="1", help="accepted for compatibility; requests run serially")
+    p.add_argument("--output-dir", default="results", help="where results, samples, summary, baseline go")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction if < 1)")
+    p.add_argument("--max-tokens", type=int, default=None, help="max tokens to generate (generation tasks)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--apply-chat-template", action="store_true", help="use the model's chat template")
+    p.add_argument("--backend", default="auto", choices=["auto", "coreml", "mil"])
+    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"], help="portable runtime numerics")
+    p.add_argument("--compute-units", default="CPU_AND_NE", help="CoreML compute units")
+    p.add_argument("--use-cache", default=None, metavar="PATH",
+                   help="sqlite cache of finished requests: a killed run started again resumes")
+    p.add_argument("--log-samples", action="store_true", help="write per-document samples JSONL")
+    p.add_argument("--include-path", action="append", default=[], help="directory of task YAMLs (repeatable)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="compare two results (files or output directories); exit 1 on regression")
+    p.add_argument("a", help="the reference run (baseline.json, lm-eval results_*.json, or an output directory)")
+    p.add_argument("b", help="the run to check")
+    p.add_argument("--tolerance", type=float, default=0.01, help="smallest fall that counts (absolute)")
+    p.add_argument("--z", type=float, default=1.96, help="multiplier of the combined standard error")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

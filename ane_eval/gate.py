@@ -73,6 +73,8 @@ class Row:
     baseline: float | None = None
     baseline_stderr: float | None = None
     delta: float | None = None
+    combined_se: float | None = None  # sqrt(se_base² + se_now²)
+    z: float | None = None  # delta / combined_se
     allowed: float | None = None  # the fall the gate tolerates
     verdict: str = "pass"
     notes: list = field(default_factory=list)
@@ -133,6 +135,8 @@ def evaluate_gate(task: str, record: dict, thresholds: dict | None = None, basel
             tol = tolerance.get(metric, tolerance.get(name, DEFAULT_TOLERANCE)) if isinstance(tolerance, dict) \
                 else tolerance
             se = math.sqrt((m.get("stderr") or 0.0) ** 2 + (b.get("stderr") or 0.0) ** 2)
+            row.combined_se = se
+            row.z = row.delta / se if se > 0 else None
             row.allowed = max(tol, z * se)
             fall = -row.delta if higher else row.delta
             if fall > row.allowed and not row.failed:
@@ -177,9 +181,11 @@ def _fmt(v, stderr=None) -> str:
 
 
 def format_table(rows: list[Row], markdown: bool = False) -> str:
-    header = ["task", "metric", "value ± stderr", "threshold", "baseline", "delta", "allowed fall", "verdict"]
+    header = ["task", "metric", "value ± stderr", "threshold", "baseline", "delta", "combined se", "z",
+              "allowed fall", "verdict"]
     body = [[r.task, r.metric, _fmt(r.value, r.stderr), r.threshold or "-", _fmt(r.baseline, r.baseline_stderr),
-             "-" if r.delta is None else f"{r.delta:+.4f}", "-" if r.allowed is None else f"{r.allowed:.4f}",
+             "-" if r.delta is None else f"{r.delta:+.4f}", "-" if r.combined_se is None else f"{r.combined_se:.4f}",
+             "-" if r.z is None else f"{r.z:+.2f}", "-" if r.allowed is None else f"{r.allowed:.4f}",
              r.verdict] for r in rows]
     notes = [n for r in rows for n in r.notes]
     if markdown:
@@ -221,3 +227,54 @@ def write_summary(path, rows: list[Row], model: dict, backend: str) -> Path:
             f"`{str(model.get('fingerprint'))[:12]}`, backend: {backend}\n\n" + format_table(rows, markdown=True) + "\n")
     path.write_text(text)
     return path
+
+
+def load_records(path) -> tuple[dict, dict]:
+    """({task: record}, model) from a baseline file, an lm-eval results_*.json (with its samples_*.jsonl), or an
+    output directory holding either."""
+    p = Path(path)
+    if not p.exists():
+        raise GateError(f"{p}: no such results file or directory")
+    if p.is_dir():
+        if (p / "baseline.json").is_file():
+            return load_records(p / "baseline.json")
+        files = sorted(p.rglob("results_*.json"), key=lambda f: f.name)
+        if not files:
+            raise GateError(f"{p}: no baseline.json or lm-eval results_*.json inside")
+        records, model = {}, {}
+        for f in files:  # later runs of a task override earlier ones
+            r, model = load_records(f)
+            records.update(r)
+        return records, model
+    try:
+        doc = json.loads(p.read_text())
+    except ValueError as e:
+        raise GateError(f"{p}: not valid JSON ({e})") from None
+    if isinstance(doc, dict) and doc.get("format") == BASELINE_FORMAT:
+        return doc["tasks"], doc.get("model", {})
+    if not (isinstance(doc, dict) and isinstance(doc.get("results"), dict) and "versions" in doc):
+        raise GateError(f"{p}: neither an ane-eval baseline nor an lm-eval results file")
+    stamp = p.stem.removeprefix("results_")
+    limit = (doc.get("config") or {}).get("limit")
+    model = {"name": doc.get("model_name"), "path": str(p)}
+    records = {}
+    for task in doc["results"]:
+        if task not in (doc.get("configs") or {}):
+            continue  # group rows aggregate their tasks
+        sample_file = p.with_name(f"samples_{task}_{stamp}.jsonl")
+        samples = [json.loads(line) for line in sample_file.read_text().splitlines() if line.strip()] \
+            if sample_file.is_file() else None
+        records[task] = task_record(doc, task, limit=limit, model=model, samples=samples)
+    return records, model
+
+
+def compare(a: dict, b: dict, tolerance: float | dict = DEFAULT_TOLERANCE, z: float = DEFAULT_Z) -> list[Row]:
+    """B (now) against A (before), per shared task; model files may differ (that is what compare is for), task
+    version, few-shot count and limit may not."""
+    rows = []
+    shared = [t for t in b if t in a]
+    if not shared:
+        raise GateError(f"no task in common (A has {sorted(a)}, B has {sorted(b)})")
+    for task in shared:
+        rows += evaluate_gate(task, b[task], None, a[task], tolerance, z, check_model=False)
+    return rows

@@ -45,8 +45,9 @@ def resolve_tasks(tm, names) -> list[str]:
 
 
 def evaluate(lm, tasks: list[str], tm, *, num_fewshot=None, limit=None, apply_chat_template=False,
-             max_gen_toks=None, seed: int = 1234, use_cache: str | None = None, log_samples: bool = True,
-             bootstrap_iters: int = 1000, output_dir=None, model_name: str = "ane") -> dict:
+             max_gen_toks=None, seed: int = 1234, use_cache: str | None = None,
+             bootstrap_iters: int = 1000, output_dir=None, write_samples: bool = True,
+             model_name: str = "ane") -> dict:
     """lm_eval.simple_evaluate on the ane model; with `output_dir`, lm-eval's results JSON and per-task samples
     JSONL are written there (by lm-eval's EvaluationTracker, as its CLI does). A task whose dataset cannot be
     reached raises TaskError."""
@@ -59,7 +60,7 @@ def evaluate(lm, tasks: list[str], tm, *, num_fewshot=None, limit=None, apply_ch
         results = lm_eval.simple_evaluate(
             model=lm, model_args=f"model={model_name}", tasks=list(tasks), task_manager=tm,
             num_fewshot=num_fewshot, limit=limit, apply_chat_template=apply_chat_template,
-            fewshot_as_multiturn=bool(apply_chat_template), gen_kwargs=gen_kwargs, log_samples=log_samples,
+            fewshot_as_multiturn=bool(apply_chat_template), gen_kwargs=gen_kwargs, log_samples=True,
             bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed, use_cache=use_cache, evaluation_tracker=tracker)
     except Exception as e:  # datasets/hub errors have many classes; only data-access failures are translated
@@ -70,7 +71,7 @@ def evaluate(lm, tasks: list[str], tm, *, num_fewshot=None, limit=None, apply_ch
             raise TaskError(f"cannot load the data of {', '.join(tasks)}: {str(e).splitlines()[0]} ({hint})") from None
         raise
     if tracker is not None:
-        _save(results, tracker)
+        _save(results, tracker, write_samples)
     return results
 
 
@@ -83,11 +84,11 @@ def _is_data_error(e: Exception) -> bool:
     return isinstance(e, (FileNotFoundError, OSError)) and ("dataset" in text.lower() or "hub" in text.lower())
 
 
-def _save(results: dict, tracker) -> None:
+def _save(results: dict, tracker, write_samples: bool) -> None:
     samples = results.pop("samples", None)
     tracker.save_results_aggregated(results=results, samples=samples)
     for task in results.get("configs", {}):
-        if samples and task in samples:
+        if write_samples and samples and task in samples:
             tracker.save_results_samples(task_name=task, samples=samples[task])
     if samples is not None:
         results["samples"] = samples

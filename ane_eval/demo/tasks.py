@@ -22,14 +22,16 @@ MAKERS = {"boolq": world.boolq_item, "arc_easy": world.arc_item, "hellaswag": wo
 SEED = 2024  # evaluation data: a different stream from the training corpus's
 
 _MC = {"output_type": "multiple_choice", "test_split": "test", "fewshot_split": "train"}
+ACC = {"metric": "acc", "aggregation": "mean", "higher_is_better": True}
+ACC_NORM = {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}
 TASKS = {
     "demo_boolq": {**_MC, "doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:", "doc_to_target": "label",
-                   "doc_to_choice": ["no", "yes"], "metric_list": [{"metric": "acc"}]},
+                   "doc_to_choice": ["no", "yes"], "metric_list": [ACC]},
     "demo_arc_easy": {**_MC, "doc_to_text": "Question: {{question}}\nAnswer:",
                       "doc_to_target": "{{choices.label.index(answerKey)}}", "doc_to_choice": "{{choices.text}}",
-                      "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]},
+                      "metric_list": [ACC, ACC_NORM]},
     "demo_hellaswag": {**_MC, "doc_to_text": "{{ctx}}", "doc_to_target": "{{label}}", "doc_to_choice": "{{endings}}",
-                       "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]},
+                       "metric_list": [ACC, ACC_NORM]},
     "demo_wikitext": {"output_type": "loglikelihood_rolling", "test_split": "test", "doc_to_text": "",
                       "doc_to_target": "{{page}}",
                       "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"},

@@ -18,6 +18,9 @@ from .blob import BlobFile
 from .ops import CONSTEXPR, KERNELS, VIEW_OPS, OpError
 
 VARIADIC = {"values"}  # inputs that are always a list (concat, stack, einsum)
+# ops whose outputs are input values moved around: exact in the input's dtype, no rounding pass needed
+SELECTING_OPS = {"slice_by_index", "slice_by_size", "concat", "stack", "split", "gather", "gather_along_axis", "tile",
+                 "select", "reduce_max", "reduce_min", "maximum", "minimum", "relu", "abs", "band_part"}
 STATE_OPS = {"read_state", "write_state", "coreml_update_state"}
 
 
@@ -114,6 +117,9 @@ class Plan:
         self._check_supported(fn)
         self.known: dict = {}  # values known at load time
         self.steps: list = []
+        self.types = {n: t.dtype for n, t in fn.inputs if isinstance(t, ir.TensorType)}
+        for o in fn.block.operations:
+            self.types.update({n: t.dtype for n, t in o.outputs if isinstance(t, ir.TensorType)})
         for o in fn.block.operations:
             self._prepare(o, consts)
         self._plan_in_place()
@@ -148,7 +154,8 @@ class Plan:
         for key, v in o.attributes.items():
             if key != "name" and key not in args:
                 args[key] = consts.blob(v) if isinstance(v, ir.BlobRef) else compute_form(v)
-        coercers = [None if o.type in VIEW_OPS else _coercer(t, self.round_fp16) for _, t in o.outputs]
+        exact = o.type in VIEW_OPS or (o.type in SELECTING_OPS and self._same_dtype(o, args))
+        coercers = [None if exact else _coercer(t, self.round_fp16) for _, t in o.outputs]
         names = [n for n, _ in o.outputs]
         dynamic = any(isinstance(v, _Var) or (isinstance(v, list) and any(isinstance(x, _Var) for x in v))
                       for v in args.values())
@@ -159,6 +166,19 @@ class Plan:
                 self.known[n] = r
             return
         self.steps.append(_Step(o.type, KERNELS[o.type], args, names, coercers))
+
+    def _same_dtype(self, o: ir.Op, args: dict) -> bool:
+        """True when an op only selects or rearranges input values and its output dtype is its input's: values
+        already rounded to that dtype stay exact, so the output needs no rounding pass."""
+        out_types = {t.dtype for _, t in o.outputs if isinstance(t, ir.TensorType)}
+        in_types = set()
+        for key in ("x", "values", "a", "b"):
+            for arg in o.inputs.get(key, []):
+                t = self.types.get(arg.name) if arg.name else None
+                if t is None:
+                    return False
+                in_types.add(t)
+        return len(out_types) == 1 and in_types == out_types
 
     def _run_op(self, op_type, kernel, kwargs, names, coercers):
         try:
@@ -211,23 +231,16 @@ class Plan:
 
     def run(self, env: dict) -> dict:
         """env: input name -> compute-form array, state name -> StateBuffer. Returns the block outputs."""
-        known = self.known
         for s in self.steps:
-            kwargs = {}
-            for k, v in s.args.items():
-                if isinstance(v, _Var):
-                    kwargs[k] = env[v.name] if v.name in env else known[v.name]
-                elif isinstance(v, list):
-                    kwargs[k] = [env[x.name] if isinstance(x, _Var) and x.name in env else
-                                 (known[x.name] if isinstance(x, _Var) else x) for x in v]
-                else:
-                    kwargs[k] = v
-            if s.in_place:
-                kwargs["_in_place"] = True
+            kwargs = dict(s.fixed)
+            for key, name in s.refs:
+                kwargs[key] = env[name]
+            for key, items in s.lists:
+                kwargs[key] = [env[x.name] if isinstance(x, _Var) else x for x in items]
             results = self._run_op(s.type, s.kernel, kwargs, s.names, s.coercers)
             for n, r in zip(s.names, results):
                 env[n] = r
-        return {n: env[n] if n in env else known[n] for n in self.outputs}
+        return {n: env[n] if n in env else self.known[n] for n in self.outputs}
 
 
 class _Var:
@@ -241,11 +254,25 @@ class _Var:
 
 
 class _Step:
-    __slots__ = ("type", "kernel", "args", "names", "coercers", "in_place")
+    """One op to run: constant arguments bound at load time, references resolved from the environment."""
+    __slots__ = ("type", "kernel", "args", "names", "coercers", "fixed", "refs", "lists")
 
     def __init__(self, type_, kernel, args, names, coercers):
         self.type, self.kernel, self.args, self.names, self.coercers = type_, kernel, args, names, coercers
-        self.in_place = False
+        self.fixed = {k: v for k, v in args.items() if not isinstance(v, (_Var, list))}
+        self.refs = [(k, v.name) for k, v in args.items() if isinstance(v, _Var)]
+        self.lists = [(k, v) for k, v in args.items() if isinstance(v, list)]
+
+    @property
+    def in_place(self) -> bool:
+        return bool(self.fixed.get("_in_place"))
+
+    @in_place.setter
+    def in_place(self, value: bool) -> None:
+        if value:
+            self.fixed["_in_place"] = True
+        else:
+            self.fixed.pop("_in_place", None)
 
     def input_names(self):
         for v in self.args.values():

@@ -340,7 +340,11 @@ def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilatio
     if all(s == 1 for s in k) and all(s == 1 for s in strides) and groups == 1 and str(pad_type) != "custom":
         # 1x1 conv (every linear layer of an ANEMLL model): one matmul over the flattened spatial positions
         n, cin = x.shape[:2]
-        out = np.matmul(w.reshape(w.shape[0], cin), x.reshape(n, cin, -1)).reshape((n, w.shape[0]) + x.shape[2:])
+        w2 = w.reshape(w.shape[0], cin)
+        if n == 1:  # a plain 2-D GEMM: numpy's batched matmul path is several times slower for one batch
+            out = (w2 @ x.reshape(cin, -1)).reshape((1, w.shape[0]) + x.shape[2:])
+        else:
+            out = np.matmul(w2, x.reshape(n, cin, -1)).reshape((n, w.shape[0]) + x.shape[2:])
     else:
         x = _pad_conv(x, k, strides, dilations, str(pad_type), pad)
         out = _conv_general(x, w, strides, dilations, groups)

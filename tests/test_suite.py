@@ -1,0 +1,109 @@
+"""The evals/ suite as users run it (`pytest evals ...` in a subprocess): passes on the demo, thresholds fail
+with the table, the regression gate names flipped documents, mismatched baselines are refused, -k selects,
+benchmarks write JSON with extra_info."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def suite(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "pytest", "evals", "-p", "no:cacheprovider", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+@pytest.fixture(scope="module")
+def passing_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    proc = suite("--limit", 40, "--output-dir", out, "--update-baseline", "-k", "test_task", "-q")
+    return proc, out
+
+
+def test_suite_passes_on_the_demo(passing_run):
+    proc, out = passing_run
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "5 passed" in proc.stdout
+    assert "demo_boolq" in (out / "summary.md").read_text()
+    baseline = json.loads((out / "baseline.json").read_text())
+    assert set(baseline["tasks"]) == {"demo_boolq", "demo_arc_easy", "demo_hellaswag", "demo_wikitext", "demo_qa"}
+    assert baseline["tasks"]["demo_boolq"]["limit"] == 40 and baseline["model"]["fingerprint"]
+    assert len(list(out.rglob("results_*.json"))) == 5 and len(list(out.rglob("samples_*.jsonl"))) == 5
+
+
+def test_threshold_above_the_achieved_value_fails_with_the_table(tmp_path):
+    s = tmp_path / "suite.yaml"
+    s.write_text("tasks:\n  - name: demo_boolq\n    thresholds: {acc: 0.999}\n")
+    proc = suite("--suite", s, "--limit", 20, "--output-dir", tmp_path / "out", "-k", "test_task",
+                 "--update-baseline")
+    assert proc.returncode == 1
+    assert "demo_boolq did not pass:" in proc.stdout
+    assert "value ± stderr" in proc.stdout and ">= 0.999" in proc.stdout and "FAIL threshold" in proc.stdout
+    assert "baseline NOT updated" in proc.stdout and not (tmp_path / "out" / "baseline.json").exists()
+    assert "Traceback" not in proc.stdout
+
+
+def test_a_better_baseline_fails_the_gate_and_names_flips(passing_run, tmp_path):
+    _, out = passing_run
+    base = json.loads((out / "baseline.json").read_text())
+    rec = base["tasks"]["demo_boolq"]
+    rec["metrics"]["acc,none"]["value"] = 1.0
+    wrong_now = [d for d, v in rec["items"].items() if v["acc"] == 0]
+    for d in rec["items"]:
+        rec["items"][d]["acc"] = 1.0
+    better = tmp_path / "better.json"
+    better.write_text(json.dumps(base))
+    proc = suite("--limit", 40, "--output-dir", tmp_path / "out", "--baseline", better, "-k", "test_task and boolq")
+    assert proc.returncode == 1
+    assert "FAIL regression" in proc.stdout
+    assert f"acc: {len(wrong_now)} right before, wrong now (docs {', '.join(wrong_now[:3])}" in proc.stdout
+
+
+def test_baseline_with_a_different_limit_is_refused(passing_run, tmp_path):
+    _, out = passing_run
+    proc = suite("--limit", 30, "--output-dir", tmp_path / "out", "--baseline", out / "baseline.json",
+                 "-k", "test_task and boolq")
+    assert proc.returncode == 1
+    assert "refusing to compare with a baseline made differently: limit 40 in the baseline, 30 now" in proc.stdout
+
+
+def test_same_baseline_passes(passing_run, tmp_path):
+    _, out = passing_run
+    proc = suite("--limit", 40, "--output-dir", tmp_path / "out", "--baseline", out / "baseline.json",
+                 "-k", "test_task and (boolq or wikitext)")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_k_selects_a_task():
+    proc = suite("-k", "boolq", "--collect-only", "-q")
+    selected = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    assert selected == ["evals/test_tasks.py::test_task[demo_boolq]"]
+
+
+def test_contract_tests_are_one_per_tensor():
+    proc = suite("-k", "test_tensor", "--collect-only", "-q")
+    ids = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    assert "evals/test_contracts.py::test_tensor[chunk02-prefill-outputs-output_hidden_states]" in ids
+    assert "evals/test_contracts.py::test_tensor[lm_head-main-outputs-logits8]" in ids
+    assert len(ids) == 2 + 1 + 8 + 2 * 2 * 6  # embeddings in/out, lm_head in + 8 outs, 2 chunks x 2 fns x 6
+
+
+def test_benchmarks_write_json_with_extra_info(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = suite("-k", "test_bench", "--benchmark-enable", "--benchmark-json", out, "--benchmark-min-rounds", 1)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["machine_info"]["chip"]
+    names = {b["name"] for b in doc["benchmarks"]}
+    assert names == {"test_load_time", "test_prefill_throughput", "test_decode_throughput",
+                     "test_time_to_first_token", "test_loglikelihood_latency"}
+    for b in doc["benchmarks"]:
+        for key in ("backend", "compute_units", "precision", "chip", "os", "model", "context", "batch"):
+            assert key in b["extra_info"], (b["name"], key)
