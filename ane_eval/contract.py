@@ -47,8 +47,10 @@ def describe(path: Path) -> Part | None:
     return Part(path, functions, metadata, default)
 
 
-def check_inputs(where: str, signature: ir.Signature, inputs: dict, hints: dict | None = None) -> None:
-    """Every declared input present with its declared shape and dtype, nothing undeclared."""
+def check_inputs(where: str, signature: ir.Signature, inputs: dict, hints: dict | None = None,
+                 widen_fp16: bool = False) -> None:
+    """Every declared input present with its declared shape and dtype, nothing undeclared. `widen_fp16` lets
+    float32 stand for fp16 (the portable runtime's fp32 reference mode, which never rounds to fp16)."""
     declared = {f.name: f for f in signature.inputs}
     extra = sorted(set(inputs) - set(declared))
     missing = [n for n in declared if n not in inputs]
@@ -58,6 +60,8 @@ def check_inputs(where: str, signature: ir.Signature, inputs: dict, hints: dict 
     for name, f in declared.items():
         v = inputs[name]
         want = NUMPY.get(f.dtype)
+        if widen_fp16 and want is np.float16 and isinstance(v, np.ndarray) and v.dtype == np.float32:
+            want = np.float32
         if not isinstance(v, np.ndarray) or (want is not None and v.dtype != want) or not f.accepts(v.shape):
             got = f"{v.shape} {v.dtype}" if isinstance(v, np.ndarray) else type(v).__name__
             hint = (hints or {}).get(name)

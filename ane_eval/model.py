@@ -133,7 +133,8 @@ class ANEModel:
     def _call(self, predictor, part, function, inputs: dict) -> dict:
         if part is not None:
             where = f"{part.name} {function}" if function else part.name
-            contract.check_inputs(where, part.signature(function), inputs, self._hints())
+            contract.check_inputs(where, part.signature(function), inputs, self._hints(),
+                                  widen_fp16=self.backend == "mil" and self.precision == "fp32")
         state = self._state if function else None
         return predictor.predict(inputs, state) if state is not None else predictor.predict(inputs)
 

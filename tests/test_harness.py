@@ -116,8 +116,13 @@ def test_long_requests_are_left_truncated_like_hf(ane_model):
     ours = ANELM(model=ane_model)
     assert len(ours.tok_encode(reqs[0].args[0])) > 256
     a = ours.loglikelihood(reqs)
-    b = HFLM(pretrained=str(demo.checkpoint_dir()), dtype="float32", max_length=256, batch_size=1,
-             device="cpu").loglikelihood(reqs)
+    hf = HFLM(pretrained=str(demo.checkpoint_dir()), dtype="float32", max_length=256, batch_size=1, device="cpu")
+    # The converted program holds its RoPE tables in fp16 (as upstream's conversions do); at the last positions
+    # of the window that alone moves HF's logprobs by ~1e-2. Compare with HF given the same fp16 tables.
+    rotary = hf.model.model.rotary_emb
+    exact = rotary.forward
+    rotary.forward = lambda x, position_ids, **kw: tuple(t.half().float() for t in exact(x, position_ids, **kw))
+    b = hf.loglikelihood(reqs)
     assert ours.truncated == 3
     for (la, ga), (lb, gb) in zip(a, b):
         assert np.isfinite(la) and abs(la - lb) <= 1e-2 and ga == gb

@@ -49,12 +49,25 @@ def test_fp32_reproduces_transformers(models, hf_demo):
 
 
 def test_fp16_close_to_transformers(models, hf_demo):
+    """fp16 emulation: PSNR >= 35 dB and argmax agreement >= 99 % over 1,440 positions of six prompts; every
+    disagreement is a near-tie of the fp32 reference (top-2 logits closer than fp16 can resolve)."""
+    import random
+
     model = models["fp16"]
-    ids = prompt_ids(model.tokenizer)
-    ref = hf_logits(hf_demo, ids)
-    got = runtime_logits(model, ids)
-    assert psnr(ref, got) >= 35
-    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+    agree, total = 0, 0
+    for seed in range(6):
+        rng = random.Random(100 + seed)
+        ids = model.tokenizer.encode(" ".join(world.document(rng) for _ in range(40)))[:250]
+        ref = hf_logits(hf_demo, ids)[10:]
+        model.reset()
+        model.prefill(ids[:10])
+        got = np.stack([model.infer(t, p) for p, t in enumerate(ids) if p >= 10])
+        assert psnr(ref, got) >= 35
+        same = got.argmax(-1) == ref.argmax(-1)
+        top2 = np.sort(ref, axis=-1)[:, -2:]
+        assert (top2[~same, 1] - top2[~same, 0] < 1e-2).all(), "an fp16 argmax flip away from a near-tie"
+        agree, total = agree + int(same.sum()), total + len(same)
+    assert total == 1440 and agree / total >= 0.99
 
 
 def dequantized_weights(lut_dir):

@@ -40,27 +40,49 @@ def test_suite_passes_on_the_demo(passing_run):
 
 def test_threshold_above_the_achieved_value_fails_with_the_table(tmp_path):
     s = tmp_path / "suite.yaml"
-    s.write_text("tasks:\n  - name: demo_boolq\n    thresholds: {acc: 0.999}\n")
-    proc = suite("--suite", s, "--limit", 20, "--output-dir", tmp_path / "out", "-k", "test_task",
+    s.write_text("tasks:\n  - name: demo_wikitext\n    thresholds: {word_perplexity: {max: 1.5}}\n")
+    proc = suite("--suite", s, "--limit", 10, "--output-dir", tmp_path / "out", "-k", "test_task",
                  "--update-baseline")
     assert proc.returncode == 1
-    assert "demo_boolq did not pass:" in proc.stdout
-    assert "value ± stderr" in proc.stdout and ">= 0.999" in proc.stdout and "FAIL threshold" in proc.stdout
+    assert "demo_wikitext did not pass:" in proc.stdout
+    assert "value ± stderr" in proc.stdout and "<= 1.5" in proc.stdout and "FAIL threshold" in proc.stdout
     assert "baseline NOT updated" in proc.stdout and not (tmp_path / "out" / "baseline.json").exists()
     assert "Traceback" not in proc.stdout
 
 
-def test_a_better_baseline_fails_the_gate_and_names_flips(passing_run, tmp_path):
-    _, out = passing_run
-    base = json.loads((out / "baseline.json").read_text())
-    rec = base["tasks"]["demo_boolq"]
-    rec["metrics"]["acc,none"]["value"] = 1.0
+@pytest.fixture(scope="module")
+def noisy_task(tmp_path_factory):
+    """demo_boolq with every third label flipped: the demo model gets exactly those documents wrong."""
+    from ane_eval.demo.tasks import DATA_DIR
+
+    d = tmp_path_factory.mktemp("noisy")
+    rows = [json.loads(line) for line in (DATA_DIR / "boolq_test.jsonl").read_text().splitlines()[:30]]
+    for i, r in enumerate(rows):
+        if i % 3 == 0:
+            r["label"] = 1 - r["label"]
+    (d / "noisy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "noisy_boolq.yaml").write_text(
+        f"task: noisy_boolq\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {d / 'noisy.jsonl'}\n"
+        "output_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: \"{{passage}}\\nQuestion: {{question}}?\\nAnswer:\"\ndoc_to_target: label\n"
+        "doc_to_choice: ['no', 'yes']\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+    return d
+
+
+def test_a_better_baseline_fails_the_gate_and_names_flips(noisy_task, tmp_path):
+    args = ["--include-path", noisy_task, "--tasks", "noisy_boolq", "-k", "test_task"]
+    proc = suite(*args, "--output-dir", tmp_path / "first", "--update-baseline")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    base = json.loads((tmp_path / "first" / "baseline.json").read_text())
+    rec = base["tasks"]["noisy_boolq"]
     wrong_now = [d for d, v in rec["items"].items() if v["acc"] == 0]
+    assert wrong_now  # the flipped labels
     for d in rec["items"]:
         rec["items"][d]["acc"] = 1.0
+    rec["metrics"]["acc,none"]["value"] = 1.0
     better = tmp_path / "better.json"
     better.write_text(json.dumps(base))
-    proc = suite("--limit", 40, "--output-dir", tmp_path / "out", "--baseline", better, "-k", "test_task and boolq")
+    proc = suite(*args, "--output-dir", tmp_path / "second", "--baseline", better)
     assert proc.returncode == 1
     assert "FAIL regression" in proc.stdout
     assert f"acc: {len(wrong_now)} right before, wrong now (docs {', '.join(wrong_now[:3])}" in proc.stdout

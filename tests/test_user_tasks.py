@@ -72,9 +72,9 @@ def test_unknown_task_is_one_line_everywhere():
     assert "unknown task 'my_sumz'" in proc.stdout and "Traceback" not in proc.stdout
     proc = run(["run", "--model", "demo", "--tasks", "demo_hellaswg"], ["ane_eval.cli"])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "ane-eval: error: unknown task 'demo_hellaswg' (did you mean demo_hellaswag?); list tasks with "
-        "`lm-eval ls tasks` or add your YAMLs with --include-path")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ane-eval: error: unknown task 'demo_hellaswg' (did you mean demo_hellaswag")
+    assert last.endswith("list tasks with `lm-eval ls tasks` or add your YAMLs with --include-path")
 
 
 def test_local_task_never_touches_the_network(user_tasks, demo_dir, monkeypatch):

@@ -1,5 +1,9 @@
 """Portable ML Program runtime: run CoreML `.mlpackage` / ML Program `.mlmodel` files with numpy, anywhere.
 
+precision="fp16" (default) rounds every fp16 value as CoreML does. precision="fp32" is a reference mode that
+skips all fp16 rounding: outputs declared fp16 come back as float32, and fp16 inputs also accept float32, so
+chained parts pass full-precision tensors to each other.
+
     from ane_eval import mil
     p = mil.load("model.mlpackage", function_name="prefill", precision="fp16")
     state = p.make_state()
@@ -137,6 +141,8 @@ class MILModel:
             if value is None:
                 raise ExecutionError(f"{self._where()}: output {f.name!r} was not produced")
             dtype = _FP_NUMPY.get(f.dtype, np.float32)
+            if self.precision == "fp32" and dtype == np.float16:
+                dtype = np.float32  # fp32 mode skips every fp16 rounding, the outputs' included
             with np.errstate(over="ignore"):
                 result[f.name] = np.array(value, dtype=dtype)  # a copy: never hand out a state buffer
         return result
@@ -161,7 +167,8 @@ class MILModel:
                 raise InputError(f"{self._where()}: input {name!r} must be a numpy array of {f.expected()}, "
                                  f"got {type(value).__name__}")
             want = _FP_NUMPY.get(f.dtype)
-            if want is not None and value.dtype != want:
+            widened = self.precision == "fp32" and want == np.float16 and value.dtype == np.float32
+            if want is not None and value.dtype != want and not widened:
                 raise InputError(f"{self._where()}: input {name!r} expects {f.expected()}, got {value.shape} "
                                  f"{value.dtype}; convert with .astype(np.{np.dtype(want).name})")
             if not f.accepts(value.shape):
