@@ -172,3 +172,27 @@ def test_demo_checkpoint_weights_are_fp16_exact():
     assert all(w.dtype == np.float16 for w in weights.values())
     size = sum(f.stat().st_size for f in demo.checkpoint_dir().iterdir())
     assert size <= 5 * 1024 * 1024
+
+
+@pytest.mark.parametrize("model_type, extra", [("qwen2", {"bias": True}), ("qwen3", {"qk_norm": True}),
+                                               ("llama", {"tie": True})])
+def test_other_architectures_match_transformers(tmp_path, model_type, extra):
+    """Qwen2 (qkv bias), Qwen3 (q/k norm) and a tied-embedding Llama convert with the same numerics as
+    transformers: fp32-mode logits after prefill and infer, PSNR >= 50 dB, identical argmax."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import ane_eval
+
+    from .conftest import hf_logits, psnr
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", model_type=model_type, layers=2, **extra)
+    out = build(ckpt, tmp_path / "out", BuildOptions(context_length=64, batch_size=16, num_chunks=2))
+    model = ane_eval.load_model(out, backend="mil", precision="fp32")
+    ids = [int(t) for t in np.random.default_rng(0).integers(2, 1000, 40)]
+    model.prefill(ids[:20])
+    got = np.stack([model.infer(t, p) for p, t in enumerate(ids) if p >= 20])
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ref = hf_logits(hf, ids)[20:]
+    assert psnr(ref, got) >= 50
+    assert (got.argmax(-1) == ref.argmax(-1)).all()

@@ -157,3 +157,14 @@ def test_troubleshooting_messages_are_current(demo_dir, tmp_path, monkeypatch):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (d / f).unlink()
     _in_readme(_message(lambda: ane_eval.load_model(d, backend="mil")), repl)
+
+
+def test_allow_missing_data_skips_with_one_line(tmp_path):
+    proc = run(["evals", "-p", "no:cacheprovider", "--tasks", "boolq", "-k", "test_task", "--output-dir", tmp_path,
+                "--allow-missing-data", "-rs"], ["pytest"])
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    skipped = [ln for ln in proc.stdout.splitlines() if ln.startswith("SKIPPED")]
+    assert len(skipped) == 1 and "cannot load the data of boolq" in skipped[0] and "aps/super_glue" in skipped[0]
+    proc = run(["evals", "-p", "no:cacheprovider", "--tasks", "boolq", "-k", "test_task", "--output-dir", tmp_path],
+               ["pytest"])
+    assert proc.returncode == 1 and "cannot load the data of boolq" in proc.stdout and "Traceback" not in proc.stdout

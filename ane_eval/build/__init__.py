@@ -1,0 +1,259 @@
+"""Hugging Face checkpoint → ANEMLL-layout model directory (`.mlpackage` parts, meta.yaml, tokenizer), on any OS.
+
+    python -m ane_eval.build CHECKPOINT OUT [--context-length 512] [--batch-size 64] [--num-chunks 1] ...
+
+Used for the demo model and test fixtures; mirrors what ANEMLL 0.3.4's converter produces (ANEMLL-CONTRACT.md),
+except that inputs upstream silently mangled are refused.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint import CheckpointError, read_arch, read_weights
+from .programs import STATE_NAME, embeddings_program, ffn_program, lm_head_program, lm_head_splits
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "chat_template.jinja", "generation_config.json")
+ANEMLL_VERSION = "0.3.4"
+LUT_GROUP = 8  # output channels sharing one LUT (ANEMLL's per-grouped-channel palettization)
+
+
+class BuildError(ValueError):
+    """A checkpoint/option combination the builder refuses (one readable line)."""
+
+
+@dataclass
+class BuildOptions:
+    context_length: int = 512
+    batch_size: int = 64
+    num_chunks: int = 1
+    split_lm_head: int | None = None  # default: 8 for Llama, 16 for Qwen
+    lut_ffn: int | None = None
+    lut_lmhead: int | None = None
+    lut_embeddings: int | None = None
+    state_length: int | None = None  # default: the context length
+    prefix: str | None = None  # default: the architecture family
+    name: str | None = None
+    extra_meta: dict = field(default_factory=dict)
+
+
+def check_options(arch, opts: BuildOptions) -> None:
+    """Refuse what upstream silently mangled: every problem in one message."""
+    problems = []
+    L, N, V, K = arch.num_layers, opts.num_chunks, arch.vocab_size, opts.split_lm_head
+    if N < 1 or L % N:
+        problems.append(f"{L} layers cannot be split evenly into {N} chunks (upstream silently dropped "
+                        f"{L % N if N > 0 else L} layer(s)); choose --num-chunks dividing {L}")
+    if K < 1 or (arch.family == "llama" and V % K):
+        problems.append(f"vocabulary {V} is not divisible by split_lm_head {K} (upstream's Llama head dropped the "
+                        f"last {V % K if K > 0 else V} rows); choose a split dividing {V}")
+    if opts.batch_size < 1 or opts.context_length < opts.batch_size or opts.context_length % opts.batch_size:
+        problems.append(f"context length {opts.context_length} is not a positive multiple of batch size "
+                        f"{opts.batch_size}; prefill batches must tile the context exactly")
+    if opts.state_length is not None and opts.state_length < opts.context_length:
+        problems.append(f"state length {opts.state_length} is shorter than context length {opts.context_length}")
+    for key in ("lut_ffn", "lut_lmhead", "lut_embeddings"):
+        bits = getattr(opts, key)
+        if bits is not None and bits not in (1, 2, 3, 4, 6, 8):
+            problems.append(f"{key}={bits}: palettization supports 1, 2, 3, 4, 6 or 8 bits")
+    # coremltools silently leaves a weight unpalettized when its output channels do not split into LUT groups,
+    # which would make the lut_* names lie: refuse instead
+    if opts.lut_lmhead and K >= 1:
+        widths = sorted({w for w in lm_head_splits(V, K) if w % LUT_GROUP})
+        if widths:
+            problems.append(f"LM head parts of width {widths} cannot be palettized in groups of {LUT_GROUP} "
+                            f"channels; choose split_lm_head so that every part's width is a multiple of {LUT_GROUP}")
+    if opts.lut_ffn:
+        dims = {"hidden": arch.hidden_size, "q": arch.num_heads * arch.head_dim,
+                "kv": arch.num_kv_heads * arch.head_dim, "intermediate": arch.intermediate_size}
+        odd = [f"{k} {v}" for k, v in dims.items() if v % LUT_GROUP]
+        if odd:
+            problems.append(f"FFN weights with {', '.join(odd)} output channels cannot be palettized in groups of "
+                            f"{LUT_GROUP}")
+    if opts.lut_embeddings and V % LUT_GROUP:
+        problems.append(f"embeddings of {V} rows cannot be palettized in groups of {LUT_GROUP}")
+    if arch.num_heads % arch.num_kv_heads:
+        problems.append(f"{arch.num_heads} attention heads are not a multiple of {arch.num_kv_heads} KV heads")
+    if problems:
+        raise BuildError("; ".join(problems))
+
+
+def _lut(bits: int | None) -> str:
+    return f"_lut{bits}" if bits else ""
+
+
+def part_names(prefix: str, opts: BuildOptions) -> dict:
+    n = opts.num_chunks
+    return {
+        "embeddings": f"{prefix}_embeddings{_lut(opts.lut_embeddings)}",
+        "ffn": f"{prefix}_FFN_PF{_lut(opts.lut_ffn)}",
+        "chunks": [f"{prefix}_FFN_PF{_lut(opts.lut_ffn)}_chunk_{i:02d}of{n:02d}" for i in range(1, n + 1)],
+        "lm_head": f"{prefix}_lm_head{_lut(opts.lut_lmhead)}",
+    }
+
+
+def _convert(program, bits: int | None, inputs=None, weight_ops=("conv", "linear")):
+    """Convert a MIL program; with `bits`, k-means palettize the weights feeding `weight_ops` (only those: the
+    RoPE tables and other constants stay fp16, as in upstream's models)."""
+    import coremltools as ct
+    import coremltools.optimize.coreml as cto
+
+    model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                       compute_precision=ct.precision.FLOAT16, inputs=inputs)
+    if bits:
+        cfg = cto.OpPalettizerConfig(nbits=bits, mode="kmeans", granularity="per_grouped_channel",
+                                     group_size=LUT_GROUP)
+        model = cto.palettize_weights(model, cto.OptimizationConfig(op_type_configs={op: cfg for op in weight_ops}))
+    return model
+
+
+def _save_with_metadata(model_or_path, path: Path, metadata: dict) -> None:
+    import coremltools as ct
+
+    model = model_or_path
+    if isinstance(model_or_path, (str, Path)):  # save_multifunction drops user metadata: reload, set, save
+        model = ct.models.MLModel(str(model_or_path), skip_model_load=True)
+    for k, v in metadata.items():
+        model.user_defined_metadata[k] = str(v)
+    model.save(str(path))
+
+
+def _quiet():
+    """coremltools prints progress bars and Linux proxy warnings; the builder's caller wants one line."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import logging
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+
+
+def build(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, options: BuildOptions | None = None,
+          **overrides) -> Path:
+    """Convert `checkpoint` into an ANEMLL-layout directory at `out_dir` (written atomically); returns the path."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    opts = options or BuildOptions()
+    for k, v in overrides.items():
+        setattr(opts, k, v)
+    arch = read_arch(checkpoint)
+    if opts.split_lm_head is None:
+        opts.split_lm_head = 16 if arch.family == "qwen" else 8
+    check_options(arch, opts)
+    _quiet()
+    import coremltools as ct
+    import numpy as np
+
+    weights = read_weights(checkpoint)
+    prefix = opts.prefix or arch.family
+    names = part_names(prefix, opts)
+    C, B, N = opts.context_length, opts.batch_size, opts.num_chunks
+    S = max(opts.state_length or C, C)
+    per_chunk = arch.num_layers // N
+    common = {"com.anemll.context_length": C, "com.anemll.num_chunks": N, "com.anemll.info": f"ane-eval builder, "
+              f"ANEMLL {ANEMLL_VERSION} layout, {arch.model_type}"}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir.parent))
+    try:
+        emb_input = ct.TensorType(name="input_ids", dtype=np.int32,
+                                  shape=ct.EnumeratedShapes(shapes=[[1, 1], [1, B]], default=[1, 1]))
+        model = _convert(embeddings_program(arch, weights), opts.lut_embeddings, inputs=[emb_input],
+                         weight_ops=("gather",))
+        _save_with_metadata(model, tmp / f"{names['embeddings']}.mlpackage",
+                            {**common, "com.anemll.lut_bits": opts.lut_embeddings or "none"})
+
+        for c in range(N):
+            layers = range(c * per_chunk, (c + 1) * per_chunk)
+            last = c == N - 1
+            parts = {}
+            for fn, T in (("infer", 1), ("prefill", B)):
+                prog = ffn_program(arch, weights, layers, T, C, S, last, prefill=(fn == "prefill"))
+                parts[fn] = tmp / f"{fn}.mlpackage"
+                _convert(prog, opts.lut_ffn).save(str(parts[fn]))
+            desc = ct.utils.MultiFunctionDescriptor()
+            for fn, path in parts.items():
+                desc.add_function(str(path), src_function_name="main", target_function_name=fn)
+            desc.default_function_name = "infer"
+            merged = tmp / "merged.mlpackage"
+            ct.utils.save_multifunction(desc, str(merged))
+            _save_with_metadata(merged, tmp / f"{names['chunks'][c]}.mlpackage",
+                                {**common, "com.anemll.batch_size": B, "com.anemll.chunk_no": c + 1,
+                                 "com.anemll.lut_bits": opts.lut_ffn or "none"})
+            for path in (*parts.values(), merged):
+                shutil.rmtree(path)
+
+        model = _convert(lm_head_program(arch, weights, opts.split_lm_head), opts.lut_lmhead)
+        _save_with_metadata(model, tmp / f"{names['lm_head']}.mlpackage",
+                            {**common, "com.anemll.lut_bits": opts.lut_lmhead or "none"})
+
+        _write_meta(tmp / "meta.yaml", opts, arch, names, checkpoint)
+        for f in TOKENIZER_FILES:
+            if (checkpoint / f).is_file():
+                shutil.copy2(checkpoint / f, tmp / f)
+        _write_stub_config(tmp / "config.json", arch)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _write_meta(path: Path, opts: BuildOptions, arch, names: dict, checkpoint: Path) -> None:
+    import yaml
+
+    lut = lambda b: b if b else "none"  # noqa: E731
+    meta = {"model_info": {
+        "name": opts.name or f"anemll-{checkpoint.name}-ctx{opts.context_length}",
+        "version": ANEMLL_VERSION,
+        "description": f"{arch.model_type} converted by ane-eval's builder into the ANEMLL layout",
+        "architecture": arch.family,
+        "parameters": {
+            "context_length": opts.context_length,
+            "batch_size": opts.batch_size,
+            "lut_embeddings": lut(opts.lut_embeddings),
+            "lut_ffn": lut(opts.lut_ffn),
+            "lut_lmhead": lut(opts.lut_lmhead),
+            "num_chunks": opts.num_chunks,
+            "model_prefix": opts.prefix or arch.family,
+            # upstream names the compiled parts and leaves the chunk suffix off `ffn`
+            "embeddings": f"{names['embeddings']}.mlmodelc",
+            "lm_head": f"{names['lm_head']}.mlmodelc",
+            "ffn": f"{names['ffn']}.mlmodelc",
+            "split_lm_head": opts.split_lm_head,
+            **opts.extra_meta,
+        },
+    }}
+    path.write_text(yaml.safe_dump(meta, sort_keys=False))
+
+
+def _write_stub_config(path: Path, arch) -> None:
+    import json
+
+    path.write_text(json.dumps({"model_type": arch.model_type, "architectures": ["AnemllModel"],
+                                "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size}, indent=2) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ane_eval.build", description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("out")
+    for f in ("context_length", "batch_size", "num_chunks", "split_lm_head", "lut_ffn", "lut_lmhead",
+              "lut_embeddings", "state_length"):
+        ap.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(BuildOptions, f))
+    ap.add_argument("--prefix")
+    args = vars(ap.parse_args(argv))
+    checkpoint, out = args.pop("checkpoint"), args.pop("out")
+    try:
+        print(build(checkpoint, out, BuildOptions(**args)))
+    except (BuildError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["build", "BuildOptions", "BuildError", "CheckpointError", "STATE_NAME", "lm_head_splits", "part_names"]
