@@ -120,6 +120,7 @@ def test_demo_runtime_vs_torch(benchmark, demo_dir):
     info = compare(benchmark, "demo", demo.checkpoint_dir(), demo_dir, prompt_len=128, rounds=3)
     params = sum(p.numel() for p in hf_model(demo.checkpoint_dir()).parameters())
     benchmark.extra_info["peak_memory_ratio"] = peak_memory_ratio(demo_dir, params, 128)
+    print(f"demo peak memory / fp32 weights: {benchmark.extra_info['peak_memory_ratio']:.2f}")
     assert info["decode_tok_s_mil"] > 0 and info["prefill_tok_s_mil"] > 0
 
 
@@ -133,4 +134,5 @@ def test_100m_runtime_vs_torch(benchmark, tmp_path_factory):
     params = sum(p.numel() for p in hf_model(ckpt).parameters())
     benchmark.extra_info["params"] = params
     benchmark.extra_info["peak_memory_ratio"] = peak_memory_ratio(out, params, 256)
+    print(f"llama-100m ({params:,} params) peak memory / fp32 weights: {benchmark.extra_info['peak_memory_ratio']:.2f}")
     assert info["decode_tok_s_mil"] > 0
