@@ -260,6 +260,7 @@ def test_fast_fp16_rounding_is_bit_exact():
     x = np.concatenate([
         (gen.standard_normal(200_000) * 10.0 ** gen.integers(-12, 7, 200_000)).astype(np.float32),
         gen.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32),  # every bit pattern
+        (gen.integers(-2**14, 2**14, 50_000) * 2.0**-25).astype(np.float32),  # ties among fp16 subnormals
         np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 65504, 65519, 65520, -65520, 1e30, 6.1e-5, 6.103515625e-05,
                   5.96e-8, 2.98e-8, 2.9e-8, 3e-8, 1e-40, -1e-45, 2049, 2051, 4097], np.float32)])
     with np.errstate(over="ignore", invalid="ignore"):

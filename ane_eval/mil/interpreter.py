@@ -81,24 +81,34 @@ def compute_form(value):
 def round_to_fp16(v) -> np.ndarray:
     """float32 values rounded to the nearest fp16 value (ties to even), kept as float32.
 
-    Bit-exact with `v.astype(float16).astype(float32)` and ~1.8x faster (this runs after every op in fp16 mode):
-    the float32 mantissa is rounded to fp16's 10 bits with integer arithmetic, which is already exact for fp16
-    normals, zeros and infinities; the rest (fp16 subnormals, overflow to inf, NaN) goes through numpy."""
+    Bit-exact with `v.astype(float16).astype(float32)`, and 1.5-5x faster (numpy's fp16 cast is slow, worst on
+    the tiny values softmax produces), which matters because this runs after every op in fp16 mode:
+    - normals, zeros, infinities: round the float32 mantissa to fp16's 10 bits with integer arithmetic;
+    - fp16 subnormals (|x| < 2**-14, spacing 2**-24): x + 0.75 lands in [0.5, 1), where float32 spacing is
+      2**-24, so the addition itself rounds (ties to even) and subtracting 0.75 is exact;
+    - overflow past 65504 and NaN (rare): numpy's cast."""
     x = np.asarray(v, dtype=np.float32)
+    if x.size < 4096:  # below this numpy's cast pair costs fewer calls than it saves
+        with np.errstate(over="ignore", invalid="ignore"):
+            return x.astype(np.float16).astype(np.float32)
     u = x.view(np.uint32)
     r = u >> np.uint32(13)
     r &= np.uint32(1)
     r += np.uint32(0x0FFF)
     r += u
     r &= np.uint32(0xFFFFE000)
-    mag = u & np.uint32(0x7FFFFFFF)
-    special = (mag - np.uint32(1)) < np.uint32(0x387FFFFF)  # 0 < |x| < 2**-14: fp16 subnormals
-    special |= (mag >= np.uint32(0x477FF000)) & (mag != np.uint32(0x7F800000))  # rounds past 65504, or NaN
     out = r.view(np.float32).reshape(x.shape)
-    idx = np.flatnonzero(special)
-    if idx.size:
-        with np.errstate(over="ignore", invalid="ignore"):
-            out.reshape(-1)[idx] = x.reshape(-1)[idx].astype(np.float16).astype(np.float32)
+    mag = u & np.uint32(0x7FFFFFFF)
+    tiny = (mag - np.uint32(1)) < np.uint32(0x387FFFFF)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if tiny.any():
+            sub = x + np.float32(0.75)
+            sub -= np.float32(0.75)
+            np.copysign(sub, x, out=sub)  # a negative value rounding to zero gives -0, as in fp16
+            np.copyto(out, sub, where=tiny.reshape(x.shape))
+        rare = np.flatnonzero((mag >= np.uint32(0x477FF000)) & (mag != np.uint32(0x7F800000)))
+        if rare.size:
+            out.reshape(-1)[rare] = x.reshape(-1)[rare].astype(np.float16).astype(np.float32)
     return out
 
 
@@ -144,6 +154,7 @@ class Plan:
         for o in fn.block.operations:
             self._prepare(o, consts)
         self._plan_in_place()
+        self._plan_frees()
         self.known = {k: v for k, v in self.known.items() if k in self._needed_known()}
 
     @staticmethod
@@ -220,6 +231,20 @@ class Plan:
                         needed.add(x.name)
         return needed
 
+    def _plan_frees(self) -> None:
+        """Drop each intermediate from the environment after its last use: a prefill of a large model would
+        otherwise keep every layer's activations alive until the function returns."""
+        last: dict[str, int] = {}
+        for j, s in enumerate(self.steps):
+            for name in s.input_names():
+                last[name] = j
+            for name in s.names:
+                last.setdefault(name, j)  # produced and never read: free right away
+        keep = set(self.outputs) | set(self.state_inputs)
+        for name, j in last.items():
+            if name not in keep:
+                self.steps[j].free.append(name)
+
     def _plan_in_place(self) -> None:
         """Mark slice_updates that may write straight into their state's buffer.
 
@@ -261,6 +286,8 @@ class Plan:
             results = self._run_op(s.type, s.kernel, kwargs, s.names, s.coercers)
             for n, r in zip(s.names, results):
                 env[n] = r
+            for n in s.free:
+                env.pop(n, None)
         return {n: env[n] if n in env else self.known[n] for n in self.outputs}
 
 
@@ -276,13 +303,14 @@ class _Var:
 
 class _Step:
     """One op to run: constant arguments bound at load time, references resolved from the environment."""
-    __slots__ = ("type", "kernel", "args", "names", "coercers", "fixed", "refs", "lists")
+    __slots__ = ("type", "kernel", "args", "names", "coercers", "fixed", "refs", "lists", "free")
 
     def __init__(self, type_, kernel, args, names, coercers):
         self.type, self.kernel, self.args, self.names, self.coercers = type_, kernel, args, names, coercers
         self.fixed = {k: v for k, v in args.items() if not isinstance(v, (_Var, list))}
         self.refs = [(k, v.name) for k, v in args.items() if isinstance(v, _Var)]
         self.lists = [(k, v) for k, v in args.items() if isinstance(v, list)]
+        self.free: list[str] = []  # environment entries whose last use is this step
 
     @property
     def in_place(self) -> bool:
