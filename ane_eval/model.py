@@ -47,6 +47,11 @@ class ANEModel:
         self.batch_size = self.geometry.batch_size
         self.num_chunks = len(b.chunks)
         self._mask = causal_mask(self.context_length)
+        self._hints = {"hidden_states": f"pad to the compiled batch {self.batch_size}",
+                       "input_ids": f"input_ids are int32 of shape (1, 1) or (1, {self.batch_size})",
+                       "causal_mask": f"the mask is fp16 (1, 1, rows, {self.context_length})",
+                       "position_ids": "position_ids are int32", "current_pos": "current_pos is int32 (1,)"}
+        self._widen_fp16 = self.backend == "mil" and precision == "fp32"
         self.token_evaluations = 0  # embedding rows pushed through the chunks (prefill rows + infer tokens)
         self.reset()
 
@@ -133,16 +138,9 @@ class ANEModel:
     def _call(self, predictor, part, function, inputs: dict) -> dict:
         if part is not None:
             where = f"{part.name} {function}" if function else part.name
-            contract.check_inputs(where, part.signature(function), inputs, self._hints(),
-                                  widen_fp16=self.backend == "mil" and self.precision == "fp32")
+            contract.check_inputs(where, part.signature(function), inputs, self._hints, widen_fp16=self._widen_fp16)
         state = self._state if function else None
         return predictor.predict(inputs, state) if state is not None else predictor.predict(inputs)
-
-    def _hints(self) -> dict:
-        return {"hidden_states": f"pad to the compiled batch {self.batch_size}",
-                "input_ids": f"input_ids are int32 of shape (1, 1) or (1, {self.batch_size})",
-                "causal_mask": f"the mask is fp16 (1, 1, rows, {self.context_length})",
-                "position_ids": "position_ids are int32", "current_pos": "current_pos is int32 (1,)"}
 
     def _embedding_width(self) -> int | None:
         """The embeddings declare no output shape: run one token to learn the hidden size."""

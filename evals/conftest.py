@@ -62,7 +62,11 @@ def pytest_generate_tests(metafunc):
         specs = _session(metafunc.config).tasks
         metafunc.parametrize("task_spec", specs, ids=[t.name for t in specs])
     if "tensor_key" in metafunc.fixturenames:
-        expected, declared = _contract_view(metafunc.config)
+        try:
+            expected, declared = _contract_view(metafunc.config)
+        except (ValueError, OSError) as e:  # reported by the test, in one line, not as a collection traceback
+            metafunc.parametrize("tensor_key", [str(e).splitlines()[0]], ids=["model-unavailable"])
+            return
         keys = sorted(set(expected) | set(declared))
         metafunc.parametrize("tensor_key", keys, ids=["-".join(k) for k in keys])
 
@@ -72,24 +76,30 @@ def _contract_view(config) -> tuple[dict, dict]:
     the contract tests can be parametrized one per part, function and tensor at collection time."""
     s = _session(config)
     if not hasattr(s, "contract_view"):
-        from ane_eval import contract
-        from ane_eval.backends import coreml_available
-        from ane_eval.bundle import discover, load_tokenizer
-        from ane_eval.cli import resolve_model
-
-        bundle = discover(resolve_model(s.model_arg), backend="coreml" if coreml_available()[0] else "mil")
-        parts = {"embeddings": contract.describe(bundle.embeddings), "lm_head": contract.describe(bundle.lm_head)}
-        chunks = [contract.describe(p) for p in bundle.chunks]
-        parts.update({f"chunk{i:02d}": p for i, p in enumerate(chunks, start=1)})
-        geometry = contract.cross_check(bundle, parts["embeddings"], chunks, parts["lm_head"],
-                                        len(load_tokenizer(bundle)))
-        s.contract_view = (contract.expected_interface(geometry, len(chunks)), contract.declared_interface(parts))
+        s.contract_view = _read_contract_view(s)
     return s.contract_view
+
+
+def _read_contract_view(s) -> tuple[dict, dict]:
+    from ane_eval import contract
+    from ane_eval.backends import coreml_available
+    from ane_eval.bundle import discover, load_tokenizer
+    from ane_eval.cli import resolve_model
+
+    bundle = discover(resolve_model(s.model_arg), backend="coreml" if coreml_available()[0] else "mil")
+    parts = {"embeddings": contract.describe(bundle.embeddings), "lm_head": contract.describe(bundle.lm_head)}
+    chunks = [contract.describe(p) for p in bundle.chunks]
+    parts.update({f"chunk{i:02d}": p for i, p in enumerate(chunks, start=1)})
+    geometry = contract.cross_check(bundle, parts["embeddings"], chunks, parts["lm_head"], len(load_tokenizer(bundle)))
+    return contract.expected_interface(geometry, len(chunks)), contract.declared_interface(parts)
 
 
 @pytest.fixture(scope="session")
 def contract_view(request) -> tuple[dict, dict]:
-    return _contract_view(request.config)
+    try:
+        return _contract_view(request.config)
+    except (ValueError, OSError) as e:
+        pytest.fail(str(e).splitlines()[0], pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -104,13 +114,21 @@ def model_dir(ane_session) -> Path:
     return resolve_model(ane_session.model_arg)
 
 
+def _stop(error: Exception):
+    """A model that cannot be loaded stops the session with one line, not a traceback per test."""
+    pytest.exit(f"ane-eval: {str(error).splitlines()[0]}", returncode=2)
+
+
 @pytest.fixture(scope="session")
 def ane_model(ane_session, model_dir):
     """Loaded once per session (loading compiles/plans every part)."""
     import ane_eval
 
-    return ane_eval.load_model(model_dir, backend=ane_session.backend, precision=ane_session.precision,
-                               compute_units=ane_session.compute_units)
+    try:
+        return ane_eval.load_model(model_dir, backend=ane_session.backend, precision=ane_session.precision,
+                                   compute_units=ane_session.compute_units)
+    except (ValueError, OSError, RuntimeError) as e:
+        _stop(e)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ PROMPT = ("The model under test reads this sentence, then a second one, and pred
           "Question: is the state clean between prompts?\nAnswer:")
 
 
-def test_tensor(contract_view, tensor_key):
+def test_tensor(tensor_key, contract_view):
     expected, declared = contract_view
     assert tensor_key in declared, f"{'/'.join(tensor_key)} is required by the contract but not declared"
     assert tensor_key in expected, f"{'/'.join(tensor_key)} is declared but not part of the contract"

@@ -129,3 +129,10 @@ def test_benchmarks_write_json_with_extra_info(tmp_path):
     for b in doc["benchmarks"]:
         for key in ("backend", "compute_units", "precision", "chip", "os", "model", "context", "batch"):
             assert key in b["extra_info"], (b["name"], key)
+
+
+def test_unusable_model_dir_stops_with_one_line(tmp_path):
+    proc = suite("--model-dir", tmp_path / "missing", "-q")
+    assert proc.returncode == 2
+    assert f"ane-eval: {tmp_path / 'missing'}: no such directory" in proc.stdout
+    assert "Traceback" not in proc.stdout and "raise BundleError" not in proc.stdout
