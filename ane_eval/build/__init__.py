@@ -8,7 +8,10 @@ except that inputs upstream silently mangled are refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -124,11 +127,19 @@ def _save_with_metadata(model_or_path, path: Path, metadata: dict) -> None:
     model.save(str(path))
 
 
+@contextlib.contextmanager
 def _quiet():
-    """coremltools prints progress bars and Linux proxy warnings; the builder's caller wants one line."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    import logging
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    """coremltools prints a progress bar per graph pass; silence them during the build only (the caller's own
+    progress bars, e.g. lm-eval's, must keep working afterwards)."""
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 def build(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, options: BuildOptions | None = None,
@@ -142,7 +153,13 @@ def build(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, options: Bu
     if opts.split_lm_head is None:
         opts.split_lm_head = 16 if arch.family == "qwen" else 8
     check_options(arch, opts)
-    _quiet()
+    with _quiet():
+        return _build(checkpoint, out_dir, opts, arch)
+
+
+def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
+    if platform.system() != "Darwin":  # "Failed to load _MLModelProxy" & co: CoreML cannot run here, by design
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
     import coremltools as ct
     import numpy as np
 

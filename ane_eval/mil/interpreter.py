@@ -18,6 +18,8 @@ from .blob import BlobFile
 from .ops import CONSTEXPR, KERNELS, VIEW_OPS, OpError
 
 VARIADIC = {"values"}  # inputs that are always a list (concat, stack, einsum)
+SHAPE_ARGS = {"axes", "perm", "shape", "reps", "begin", "end", "stride", "begin_mask", "end_mask", "squeeze_mask",
+              "size", "split_sizes", "strides", "dilations", "pad"}
 # ops whose outputs are input values moved around: exact in the input's dtype, no rounding pass needed
 SELECTING_OPS = {"slice_by_index", "slice_by_size", "concat", "stack", "split", "gather", "gather_along_axis", "tile",
                  "select", "reduce_max", "reduce_min", "maximum", "minimum", "relu", "abs", "band_part"}
@@ -188,6 +190,10 @@ class Plan:
                 args[key] = consts.blob(v) if isinstance(v, ir.BlobRef) else compute_form(v)
         exact = o.type in VIEW_OPS or (o.type in SELECTING_OPS and self._same_dtype(o, args))
         coercers = [None if exact else _coercer(t, self.round_fp16) for _, t in o.outputs]
+        for key in SHAPE_ARGS.intersection(args):  # constant shape-like arguments: plain tuples, converted once
+            v = args[key]
+            if isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in "iub" and v.size <= 16:
+                args[key] = tuple(v.tolist())
         names = [n for n, _ in o.outputs]
         dynamic = any(isinstance(v, _Var) or (isinstance(v, list) and any(isinstance(x, _Var) for x in v))
                       for v in args.values())

@@ -32,7 +32,9 @@ def op(*names):
     return register
 
 
-def ints(x) -> list[int]:
+def ints(x) -> list[int] | tuple:
+    if isinstance(x, tuple):  # constant arguments arrive as tuples of ints (converted once at load)
+        return x
     return [int(v) for v in np.asarray(x).reshape(-1)]
 
 
