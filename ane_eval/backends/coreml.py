@@ -35,7 +35,7 @@ class _Predictor:
         return self.model.make_state()
 
     def predict(self, inputs: dict, state=None) -> dict:
-        for attempt, delay in enumerate((0.0,) + RETRY_DELAYS):
+        for delay in (0.0,) + RETRY_DELAYS:
             if delay:
                 self.sleep(delay)
             try:

@@ -143,7 +143,6 @@ class Plan:
         if precision not in ("fp16", "fp32"):
             raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
         self.name = f"{model_name}:{fn.name}" if model_name else fn.name
-        self.fn = fn
         self.round_fp16 = precision == "fp16"
         self.outputs = list(fn.block.outputs)
         self.state_inputs = [n for n, t in fn.inputs if isinstance(t, ir.StateType)]

@@ -78,7 +78,6 @@ class Function:
     inputs: list[tuple[str, Any]]  # (name, TensorType | StateType)
     block: Block
     opset: str = ""
-    input_shapes: dict[str, list[tuple]] = field(default_factory=dict)  # enumerated shapes per input, if declared
 
 
 @dataclass
