@@ -196,3 +196,21 @@ def test_other_architectures_match_transformers(tmp_path, model_type, extra):
     ref = hf_logits(hf, ids)[20:]
     assert psnr(ref, got) >= 50
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_shipped_demo_task_data_matches_its_generator(tmp_path):
+    from ane_eval.demo.tasks import DATA_DIR, write_data
+
+    write_data(tmp_path)
+    shipped = sorted(p.name for p in DATA_DIR.glob("*.jsonl"))
+    assert shipped == sorted(p.name for p in tmp_path.glob("*.jsonl"))
+    for name in shipped:
+        assert (tmp_path / name).read_bytes() == (DATA_DIR / name).read_bytes(), name
+
+
+def test_training_corpus_is_deterministic():
+    from ane_eval.demo import world
+
+    assert world.corpus(50, seed=3) == world.corpus(50, seed=3)
+    assert world.corpus(50, seed=3) != world.corpus(50, seed=4)
+    assert len({p.name for p in world.WORLD}) == 40
