@@ -56,15 +56,13 @@ def model_card(model_dir) -> dict:
     model_dir = Path(model_dir)
     backend = "coreml" if coreml_available()[0] else "mil"
     bundle: Bundle = discover(model_dir, backend=backend)
-    parts = [("embeddings", bundle.embeddings)] + [(f"chunk {i}", p) for i, p in enumerate(bundle.chunks, 1)] + [
-        ("lm_head", bundle.lm_head)]
     card = {"directory": str(model_dir), "name": bundle.name, "architecture": bundle.architecture,
             "meta": bundle.meta, "parts": [], "backends": _backends()}
-    described = {}
-    for role, path in parts:
-        entry = {"role": role, "file": path.name, "size_bytes": _size(path)}
-        part = contract.describe(path)
-        described[role] = part
+    described = contract.describe_parts(bundle)
+    for role, path in contract.part_paths(bundle).items():
+        label = f"chunk {int(role[5:])}" if role.startswith("chunk") else role
+        entry = {"role": label, "file": path.name, "size_bytes": _size(path)}
+        part = described[role]
         if part is not None:
             entry["metadata"] = {k: v for k, v in part.metadata.items() if k.startswith("com.anemll")}
             entry["functions"] = {name: {kind: [{"name": f.name, "shape": list(f.shape), "dtype": f.dtype,
@@ -79,9 +77,7 @@ def model_card(model_dir) -> dict:
     try:
         tokenizer_size = len(load_tokenizer(bundle))
         card["tokenizer_size"] = tokenizer_size
-        geometry = contract.cross_check(bundle, described["embeddings"],
-                                        [described[f"chunk {i}"] for i in range(1, len(bundle.chunks) + 1)],
-                                        described["lm_head"], tokenizer_size)
+        geometry = contract.cross_check(bundle, described, tokenizer_size)
         card["consistency"] = {"ok": True, "context_length": geometry.context_length,
                                "batch_size": geometry.batch_size, "hidden_size": geometry.hidden_size,
                                "state_shape": list(geometry.state_shape or ()),

@@ -10,7 +10,6 @@ import numpy as np
 
 from .mil import ir
 
-NUMPY = {"fp16": np.float16, "fp32": np.float32, "int32": np.int32}
 STATE_NAME = "model_model_kv_cache_0"
 
 
@@ -47,6 +46,23 @@ def describe(path: Path) -> Part | None:
     return Part(path, functions, metadata, default)
 
 
+def part_paths(bundle) -> dict:
+    """role -> file of a bundle's parts, in pipeline order: embeddings, chunk01 .. chunkNN, lm_head."""
+    paths = {"embeddings": bundle.embeddings}
+    paths.update({f"chunk{i:02d}": p for i, p in enumerate(bundle.chunks, start=1)})
+    paths["lm_head"] = bundle.lm_head
+    return paths
+
+
+def describe_parts(bundle) -> dict:
+    """role -> Part (None for compiled .mlmodelc parts), keyed as `part_paths`."""
+    return {role: describe(path) for role, path in part_paths(bundle).items()}
+
+
+def chunks_of(parts: dict) -> list:
+    return [p for role, p in parts.items() if role.startswith("chunk")]
+
+
 def check_inputs(where: str, signature: ir.Signature, inputs: dict, hints: dict | None = None,
                  widen_fp16: bool = False) -> None:
     """Every declared input present with its declared shape and dtype, nothing undeclared. `widen_fp16` lets
@@ -59,7 +75,7 @@ def check_inputs(where: str, signature: ir.Signature, inputs: dict, hints: dict 
                             + (f" (missing {missing})" if missing else "") + (f" (undeclared {extra})" if extra else ""))
     for name, f in declared.items():
         v = inputs[name]
-        want = NUMPY.get(f.dtype)
+        want = ir.NUMPY_DTYPES.get(f.dtype)
         if widen_fp16 and want is np.float16 and isinstance(v, np.ndarray) and v.dtype == np.float32:
             want = np.float32
         if not isinstance(v, np.ndarray) or (want is not None and v.dtype != want) or not f.accepts(v.shape):
@@ -85,9 +101,10 @@ class Geometry:
     logits_widths: list
 
 
-def cross_check(bundle, embeddings: Part | None, chunks: list, lm_head: Part | None, tokenizer_size: int,
-                embeddings_width: int | None = None) -> Geometry:
-    """meta.yaml vs com.anemll.* metadata vs declared shapes; every disagreement in one error."""
+def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int | None = None) -> Geometry:
+    """meta.yaml vs com.anemll.* metadata vs declared shapes (`parts` from describe_parts); every disagreement
+    in one error."""
+    embeddings, chunks, lm_head = parts["embeddings"], chunks_of(parts), parts["lm_head"]
     problems = []
     meta_c, meta_b = bundle.meta_int("context_length"), bundle.meta_int("batch_size")
     declared_c, declared_b, hidden, states = set(), set(), set(), {}
@@ -199,7 +216,7 @@ def expected_interface(geometry: Geometry, num_chunks: int) -> dict:
 
 
 def declared_interface(parts: dict) -> dict:
-    """The same keys, from what each part declares. `parts`: role -> Part (chunks as chunk01, chunk02, ...)."""
+    """The same keys, from what each part declares (`parts` from describe_parts)."""
     out = {}
     for role, part in parts.items():
         if part is None:

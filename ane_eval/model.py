@@ -34,15 +34,14 @@ class ANEModel:
         self.bundle = discover(Path(model_dir), backend=self.backend)
         self.tokenizer = load_tokenizer(self.bundle)
         b = self.bundle
-        self.parts = {"embeddings": contract.describe(b.embeddings), "lm_head": contract.describe(b.lm_head)}
-        self.chunk_parts = [contract.describe(p) for p in b.chunks]
+        self.parts = contract.describe_parts(b)
+        self.chunk_parts = contract.chunks_of(self.parts)
         load = self.backend_impl.load
         self._embeddings = load(b.embeddings)
         self._chunks = [(load(p, "infer"), load(p, "prefill")) for p in b.chunks]
         self._lm_head = load(b.lm_head)
         width = self._embedding_width()
-        self.geometry = contract.cross_check(b, self.parts["embeddings"], self.chunk_parts, self.parts["lm_head"],
-                                             len(self.tokenizer), embeddings_width=width)
+        self.geometry = contract.cross_check(b, self.parts, len(self.tokenizer), embeddings_width=width)
         self.context_length = self.geometry.context_length
         self.batch_size = self.geometry.batch_size
         self.num_chunks = len(b.chunks)

@@ -87,11 +87,9 @@ def _read_contract_view(s) -> tuple[dict, dict]:
     from ane_eval.cli import resolve_model
 
     bundle = discover(resolve_model(s.model_arg), backend="coreml" if coreml_available()[0] else "mil")
-    parts = {"embeddings": contract.describe(bundle.embeddings), "lm_head": contract.describe(bundle.lm_head)}
-    chunks = [contract.describe(p) for p in bundle.chunks]
-    parts.update({f"chunk{i:02d}": p for i, p in enumerate(chunks, start=1)})
-    geometry = contract.cross_check(bundle, parts["embeddings"], chunks, parts["lm_head"], len(load_tokenizer(bundle)))
-    return contract.expected_interface(geometry, len(chunks)), contract.declared_interface(parts)
+    parts = contract.describe_parts(bundle)
+    geometry = contract.cross_check(bundle, parts, len(load_tokenizer(bundle)))
+    return contract.expected_interface(geometry, len(bundle.chunks)), contract.declared_interface(parts)
 
 
 @pytest.fixture(scope="session")

@@ -28,8 +28,7 @@ def test_no_undeclared_tensors(contract_view):
 
 def test_metadata_consistency(model):
     """meta.yaml, com.anemll.* metadata and declared shapes agree (re-checked here to report it as a test)."""
-    g = contract.cross_check(model.bundle, model.parts["embeddings"], model.chunk_parts, model.parts["lm_head"],
-                             len(model.tokenizer))
+    g = contract.cross_check(model.bundle, model.parts, len(model.tokenizer))
     assert (g.context_length, g.batch_size) == (model.context_length, model.batch_size)
 
 

@@ -30,7 +30,6 @@ from .proto import ModelFormatError
 __all__ = ["load", "MILModel", "MILState", "InputError", "ModelFormatError", "BlobError", "UnsupportedOpsError",
            "ExecutionError", "KERNELS"]
 
-_FP_NUMPY = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int32": np.int32, "int8": np.int8}
 
 
 class InputError(ValueError):
@@ -74,7 +73,7 @@ class MILState:
 
     def read_state(self, name: str) -> np.ndarray:
         f = self.features[name]
-        return self.buffers[name].value.astype(_FP_NUMPY.get(f.dtype, np.float32))
+        return self.buffers[name].value.astype(ir.NUMPY_DTYPES.get(f.dtype, np.float32))
 
     def write_state(self, name: str, value: np.ndarray) -> None:
         f = self.features[name]
@@ -140,7 +139,7 @@ class MILModel:
             value = out.get(f.name)
             if value is None:
                 raise ExecutionError(f"{self._where()}: output {f.name!r} was not produced")
-            dtype = _FP_NUMPY.get(f.dtype, np.float32)
+            dtype = ir.NUMPY_DTYPES.get(f.dtype, np.float32)
             if self.precision == "fp32" and dtype == np.float16:
                 dtype = np.float32  # fp32 mode skips every fp16 rounding, the outputs' included
             with np.errstate(over="ignore"):
@@ -166,7 +165,7 @@ class MILModel:
             if not isinstance(value, np.ndarray):
                 raise InputError(f"{self._where()}: input {name!r} must be a numpy array of {f.expected()}, "
                                  f"got {type(value).__name__}")
-            want = _FP_NUMPY.get(f.dtype)
+            want = ir.NUMPY_DTYPES.get(f.dtype)
             widened = self.precision == "fp32" and want == np.float16 and value.dtype == np.float32
             if want is not None and value.dtype != want and not widened:
                 raise InputError(f"{self._where()}: input {name!r} expects {f.expected()}, got {value.shape} "
