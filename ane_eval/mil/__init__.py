@@ -41,9 +41,18 @@ class _Package:
 
     def __init__(self, path: Path):
         self.path = path
-        self.program = proto.load(path)
+        program = proto.load(path, only="")  # names and descriptions only
+        self.default_function = program.default_function
+        self.function_names = sorted(program.functions)
+        self.description = program.description
+        self.metadata = dict(program.metadata)
         self.consts = ConstStore()
         self.lock = threading.Lock()
+
+    def function(self, name: str) -> ir.Function:
+        """One function's IR, parsed for the plan being built and not kept: a plan holds what it needs, and the
+        IR of a small model is larger than its weights."""
+        return proto.load(self.path, only=name).functions[name]
 
 
 _packages: "weakref.WeakValueDictionary[tuple, _Package]" = weakref.WeakValueDictionary()
@@ -88,19 +97,17 @@ class MILModel:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no such model")
-        self._package = _package(self.path)
-        program = self._package.program
-        self.function_name = function_name or program.default_function
-        if self.function_name not in program.functions:
+        self._package = package = _package(self.path)
+        self.function_name = function_name or package.default_function
+        if self.function_name not in package.function_names:
             raise ModelFormatError(f"{self.path.name}: no function {self.function_name!r}; it has "
-                                   f"{sorted(program.functions)}")
+                                   f"{package.function_names}")
         self.precision = precision
-        self.signature: ir.Signature = program.description.get(self.function_name) or _from_ir(
-            program.functions[self.function_name])
-        self.user_defined_metadata = dict(program.metadata)
-        with self._package.lock:
-            self._plan = Plan(program.functions[self.function_name], precision, self._package.consts,
-                              model_name=self.path.name)
+        self.user_defined_metadata = dict(package.metadata)
+        with package.lock:
+            fn = package.function(self.function_name)
+            self.signature: ir.Signature = package.description.get(self.function_name) or _from_ir(fn)
+            self._plan = Plan(fn, precision, package.consts, model_name=self.path.name)
 
     # --- descriptions ----------------------------------------------------------------------------------------
     @property
@@ -117,7 +124,7 @@ class MILModel:
 
     @property
     def functions(self) -> list[str]:
-        return sorted(self._package.program.functions)
+        return self._package.function_names
 
     def __repr__(self) -> str:
         return f"<mil.MILModel {self.path.name}:{self.function_name} {self.precision}>"

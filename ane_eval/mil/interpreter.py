@@ -9,6 +9,9 @@ state is read afterwards, slice_update writes into the state buffer in place; ot
 """
 from __future__ import annotations
 
+import functools
+import keyword
+import math
 from collections import Counter
 
 import numpy as np
@@ -24,6 +27,8 @@ SHAPE_ARGS = {"axes", "perm", "shape", "reps", "begin", "end", "stride", "begin_
 SELECTING_OPS = {"slice_by_index", "slice_by_size", "concat", "stack", "split", "gather", "gather_along_axis", "tile",
                  "select", "reduce_max", "reduce_min", "maximum", "minimum", "relu", "abs", "band_part"}
 STATE_OPS = {"read_state", "write_state", "coreml_update_state"}
+SMALL = 4096  # elements: below this numpy's fp16 cast pair is the fastest rounding
+MULTI_OUTPUT_OPS = {"split", "topk"}  # kernels returning a tuple
 
 
 class UnsupportedOpsError(NotImplementedError):
@@ -81,18 +86,44 @@ def compute_form(value):
 
 
 def round_to_fp16(v) -> np.ndarray:
-    """float32 values rounded to the nearest fp16 value (ties to even), kept as float32.
+    """float32 values rounded to the nearest fp16 value (ties to even), kept as float32; bit-exact with
+    `v.astype(float16).astype(float32)`. This runs after every op in fp16 mode, so speed matters: numpy's own
+    fp16 cast is scalar code (about 3 ns per element here); torch's uses the CPU's conversion instructions (about
+    0.1 ns), and torch is installed wherever lm-eval and transformers are. Without torch, `round_fp16_numpy`.
+    Callers run it under np.errstate(all="ignore"), as the interpreter does: overflow to inf is the point."""
+    x = np.asarray(v, dtype=np.float32)
+    if x.size < SMALL:  # below this numpy's cast pair costs fewer calls than it saves
+        return x.astype(np.float16).astype(np.float32)
+    torch = _torch()
+    if torch is None or not (x.flags.c_contiguous and x.flags.writeable):
+        return round_fp16_numpy(x)
+    # one thread: torch's OpenMP workers spin after a parallel region and starve numpy's BLAS threads (a prefill
+    # ran 8x slower); the conversion is memory-bound anyway
+    threads = torch.get_num_threads()
+    if threads != 1:
+        torch.set_num_threads(1)
+    try:
+        return torch.from_numpy(x).half().float().numpy()
+    finally:
+        if threads != 1:
+            torch.set_num_threads(threads)
 
-    Bit-exact with `v.astype(float16).astype(float32)`, and 1.5-5x faster (numpy's fp16 cast is slow, worst on
-    the tiny values softmax produces), which matters because this runs after every op in fp16 mode:
+
+@functools.cache
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def round_fp16_numpy(x: np.ndarray) -> np.ndarray:
+    """round_to_fp16 in numpy alone, 1.5-5x faster than its cast pair (worst on softmax's tiny values):
     - normals, zeros, infinities: round the float32 mantissa to fp16's 10 bits with integer arithmetic;
     - fp16 subnormals (|x| < 2**-14, spacing 2**-24): x + 0.75 lands in [0.5, 1), where float32 spacing is
       2**-24, so the addition itself rounds (ties to even) and subtracting 0.75 is exact;
     - overflow past 65504 and NaN (rare): numpy's cast."""
-    x = np.asarray(v, dtype=np.float32)
-    if x.size < 4096:  # below this numpy's cast pair costs fewer calls than it saves
-        with np.errstate(over="ignore", invalid="ignore"):
-            return x.astype(np.float16).astype(np.float32)
     u = x.view(np.uint32)
     r = u >> np.uint32(13)
     r &= np.uint32(1)
@@ -102,16 +133,24 @@ def round_to_fp16(v) -> np.ndarray:
     out = r.view(np.float32).reshape(x.shape)
     mag = u & np.uint32(0x7FFFFFFF)
     tiny = (mag - np.uint32(1)) < np.uint32(0x387FFFFF)
-    with np.errstate(over="ignore", invalid="ignore"):
-        if tiny.any():
-            sub = x + np.float32(0.75)
-            sub -= np.float32(0.75)
-            np.copysign(sub, x, out=sub)  # a negative value rounding to zero gives -0, as in fp16
-            np.copyto(out, sub, where=tiny.reshape(x.shape))
-        rare = np.flatnonzero((mag >= np.uint32(0x477FF000)) & (mag != np.uint32(0x7F800000)))
-        if rare.size:
-            out.reshape(-1)[rare] = x.reshape(-1)[rare].astype(np.float16).astype(np.float32)
+    if tiny.any():
+        sub = x + np.float32(0.75)
+        sub -= np.float32(0.75)
+        np.copysign(sub, x, out=sub)  # a negative value rounding to zero gives -0, as in fp16
+        np.copyto(out, sub, where=tiny.reshape(x.shape))
+    rare = np.flatnonzero((mag >= np.uint32(0x477FF000)) & (mag != np.uint32(0x7F800000)))
+    if rare.size:
+        out.reshape(-1)[rare] = x.reshape(-1)[rare].astype(np.float16).astype(np.float32)
     return out
+
+
+def _round_small(v) -> np.ndarray:
+    """round_to_fp16 for outputs declared small (the compiled function inlines this cast pair)."""
+    return v.astype(np.float16).astype(np.float32)
+
+
+def _small_static(t) -> bool:
+    return bool(t.shape) and all(isinstance(d, int) for d in t.shape) and math.prod(t.shape) < SMALL
 
 
 def _coercer(t, round_fp16: bool):
@@ -131,10 +170,9 @@ def _coercer(t, round_fp16: bool):
         a = np.asarray(v)
         if a.dtype == np_dtype:
             return a
-        with np.errstate(invalid="ignore", over="ignore"):
-            if a.dtype.kind == "f" and np.dtype(np_dtype).kind in "iu":  # float -> int truncates, then wraps
-                return np.trunc(a).astype(np.int64).astype(np_dtype)
-            return a.astype(np_dtype)
+        if a.dtype.kind == "f" and np.dtype(np_dtype).kind in "iu":  # float -> int truncates, then wraps
+            return np.trunc(a).astype(np.int64).astype(np_dtype)
+        return a.astype(np_dtype)
     return to_dtype
 
 
@@ -148,15 +186,21 @@ class Plan:
         self.state_inputs = [n for n, t in fn.inputs if isinstance(t, ir.StateType)]
         self._check_supported(fn)
         self.known: dict = {}  # values known at load time
+        self.alias: dict = {}  # value name -> the _Var or constant it is identical to
         self.steps: list = []
         self.types = {n: t.dtype for n, t in fn.inputs if isinstance(t, ir.TensorType)}
         for o in fn.block.operations:
             self.types.update({n: t.dtype for n, t in o.outputs if isinstance(t, ir.TensorType)})
-        for o in fn.block.operations:
-            self._prepare(o, consts)
+        with np.errstate(all="ignore"):  # constant folding runs kernels too (see run)
+            for o in fn.block.operations:
+                self._prepare(o, consts)
+        # the block's outputs, aliases resolved: a _Var (computed or an input) or a constant
+        self.results = {n: self.alias.get(n, self.known.get(n, _Var(n))) for n in self.outputs}
+        self.result_names = {v.name for v in self.results.values() if isinstance(v, _Var)}
         self._plan_in_place()
         self._plan_frees()
-        self.known = {k: v for k, v in self.known.items() if k in self._needed_known()}
+        self._compiled = self._compile()
+        del self.known, self.alias, self.types, self.steps  # planning only: the compiled function holds the rest
 
     @staticmethod
     def _check_supported(fn: ir.Function) -> None:
@@ -168,6 +212,8 @@ class Plan:
 
     def _arg_value(self, arg: ir.Arg, consts: ConstStore):
         if arg.name is not None:
+            if arg.name in self.alias:
+                return self.alias[arg.name]
             return self.known.get(arg.name, _Var(arg.name))
         v = arg.value
         return consts.blob(v) if isinstance(v, ir.BlobRef) else compute_form(v)
@@ -187,8 +233,13 @@ class Plan:
         for key, v in o.attributes.items():
             if key != "name" and key not in args:
                 args[key] = consts.blob(v) if isinstance(v, ir.BlobRef) else compute_form(v)
+        if o.type == "identity" or (o.type == "cast" and self._same_dtype(o, args)):
+            self.alias[o.outputs[0][0]] = args["x"]  # passes its input through unchanged: no step at all
+            return
         exact = o.type in VIEW_OPS or (o.type in SELECTING_OPS and self._same_dtype(o, args))
         coercers = [None if exact else _coercer(t, self.round_fp16) for _, t in o.outputs]
+        coercers = [_round_small if c is round_to_fp16 and _small_static(t) else c
+                    for c, (_, t) in zip(coercers, o.outputs)]
         for key in SHAPE_ARGS.intersection(args):  # constant shape-like arguments: plain tuples, converted once
             v = args[key]
             if isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in "iub" and v.size <= 16:
@@ -227,15 +278,6 @@ class Plan:
         results = out if isinstance(out, tuple) else (out,)
         return [c(r) if c is not None and r is not None else r for c, r in zip(coercers, results)]
 
-    def _needed_known(self) -> set:
-        needed = set(self.outputs)
-        for s in self.steps:
-            for v in s.args.values():
-                for x in (v if isinstance(v, list) else [v]):
-                    if isinstance(x, _Var):
-                        needed.add(x.name)
-        return needed
-
     def _plan_frees(self) -> None:
         """Drop each intermediate from the environment after its last use: a prefill of a large model would
         otherwise keep every layer's activations alive until the function returns."""
@@ -245,7 +287,7 @@ class Plan:
                 last[name] = j
             for name in s.names:
                 last.setdefault(name, j)  # produced and never read: free right away
-        keep = set(self.outputs) | set(self.state_inputs)
+        keep = self.result_names | set(self.state_inputs)
         for name, j in last.items():
             if name not in keep:
                 self.steps[j].free.append(name)
@@ -271,7 +313,7 @@ class Plan:
                 continue
             state = root[s.first_input_name()]
             uses = users.get(s.names[0], [])
-            if s.names[0] in self.outputs or len(uses) != 1:
+            if s.names[0] in self.result_names or len(uses) != 1:
                 continue
             k = uses[0]
             writer = self.steps[k]
@@ -282,18 +324,81 @@ class Plan:
 
     def run(self, env: dict) -> dict:
         """env: input name -> compute-form array, state name -> StateBuffer. Returns the block outputs."""
-        for s in self.steps:
-            kwargs = dict(s.fixed)
-            for key, name in s.refs:
-                kwargs[key] = env[name]
-            for key, items in s.lists:
-                kwargs[key] = [env[x.name] if isinstance(x, _Var) else x for x in items]
-            results = self._run_op(s.type, s.kernel, kwargs, s.names, s.coercers)
-            for n, r in zip(s.names, results):
-                env[n] = r
-            for n in s.free:
-                env.pop(n, None)
-        return {n: env[n] if n in env else self.known[n] for n in self.outputs}
+        with np.errstate(all="ignore"):  # fp16 emulation wants IEEE results (inf, nan), not warnings
+            try:
+                return self._compiled(env)
+            except (OpError, ValueError, IndexError, TypeError) as e:
+                step = self._failed_step(e.__traceback__)
+                if step is None:
+                    raise
+                detail = f"{e}" if isinstance(e, OpError) else f"failed: {e}"
+                raise ExecutionError(f"{self.name}: op {step[0]} ({step[1]}) {detail}") from None
+
+    def _compile(self):
+        """Straight-line Python for the steps: every value a local variable, every kernel, rounding function
+        and constant argument bound by name. A decode step of a converted transformer is hundreds of tiny ops;
+        an interpreter loop assembling argument dicts and an environment costs more than the ops themselves."""
+        names: dict[str, str] = {}
+        ns: dict = {"F16": np.float16, "F32": np.float32}
+
+        def local(name: str) -> str:
+            return names.setdefault(name, f"v{len(names)}")
+
+        def bind(value, label: str) -> str:
+            ns[label] = value
+            return label
+
+        produced = {n for s in self.steps for n in s.names}
+        lines = ["def run(env):"]
+        for name in dict.fromkeys([n for s in self.steps for n in s.input_names()] + sorted(self.result_names)):
+            if name not in produced:
+                lines.append(f"    {local(name)} = env[{name!r}]")
+        self._line_step: dict[int, tuple] = {}  # line of the generated code -> (op type, first output)
+        for j, s in enumerate(self.steps):
+            args = []
+            for key, v in s.args.items():
+                if isinstance(v, _Var):
+                    expr = local(v.name)
+                elif isinstance(v, list):
+                    expr = "[" + ", ".join(local(x.name) if isinstance(x, _Var) else bind(x, f"c{j}_{key}_{i}")
+                                           for i, x in enumerate(v)) + "]"
+                else:
+                    expr = bind(v, f"c{j}_{key}")
+                args.append(f"{key}={expr}" if key.isidentifier() and not keyword.iskeyword(key)
+                            else f"**{{{key!r}: {expr}}}")
+            call = f"{bind(s.kernel, f'k{j}')}({', '.join(args)})"
+            outs = [local(n) for n in s.names]
+            self._line_step[len(lines) + 1] = (s.type, s.names[0] if s.names else "-")
+            if len(outs) == 1 and s.type not in MULTI_OUTPUT_OPS:
+                lines.append(f"    {outs[0]} = {call}")
+            elif outs:
+                lines.append(f"    _r = {call}")
+                lines.append(f"    {', '.join(outs)}, = _r if isinstance(_r, tuple) else (_r,)")
+            else:
+                lines.append(f"    {call}")
+            for i, (out, c) in enumerate(zip(outs, s.coercers)):
+                if c is _round_small:
+                    lines.append(f"    {out} = {out}.astype(F16).astype(F32)")
+                elif c is not None:
+                    lines.append(f"    {out} = {bind(c, f'r{j}_{i}')}({out})")
+            dead = [names[n] for n in s.free if n in names]
+            if dead:
+                lines.append(f"    del {', '.join(dead)}")
+        result = ", ".join(f"{n!r}: {local(v.name) if isinstance(v, _Var) else bind(v, f'out_{i}')}"
+                           for i, (n, v) in enumerate(self.results.items()))
+        lines.append(f"    return {{{result}}}")
+        self._filename = f"<mil {self.name}>"
+        exec(compile("\n".join(lines), self._filename, "exec"), ns)
+        return ns["run"]
+
+    def _failed_step(self, tb):
+        """The step whose line raised, from the generated function's frame in the traceback."""
+        step = None
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == self._filename:
+                step = self._line_step.get(tb.tb_lineno)
+            tb = tb.tb_next
+        return step
 
 
 class _Var:
@@ -307,26 +412,23 @@ class _Var:
 
 
 class _Step:
-    """One op to run: constant arguments bound at load time, references resolved from the environment."""
-    __slots__ = ("type", "kernel", "args", "names", "coercers", "fixed", "refs", "lists", "free")
+    """One op to run: constant arguments bound at load time, _Var arguments resolved when it runs."""
+    __slots__ = ("type", "kernel", "args", "names", "coercers", "free")
 
     def __init__(self, type_, kernel, args, names, coercers):
         self.type, self.kernel, self.args, self.names, self.coercers = type_, kernel, args, names, coercers
-        self.fixed = {k: v for k, v in args.items() if not isinstance(v, (_Var, list))}
-        self.refs = [(k, v.name) for k, v in args.items() if isinstance(v, _Var)]
-        self.lists = [(k, v) for k, v in args.items() if isinstance(v, list)]
-        self.free: list[str] = []  # environment entries whose last use is this step
+        self.free: list[str] = []  # values whose last use is this step
 
     @property
     def in_place(self) -> bool:
-        return bool(self.fixed.get("_in_place"))
+        return bool(self.args.get("_in_place"))
 
     @in_place.setter
     def in_place(self, value: bool) -> None:
         if value:
-            self.fixed["_in_place"] = True
+            self.args["_in_place"] = True
         else:
-            self.fixed.pop("_in_place", None)
+            self.args.pop("_in_place", None)
 
     def input_names(self):
         for v in self.args.values():

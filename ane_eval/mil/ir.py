@@ -21,7 +21,7 @@ NUMPY_DTYPES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorType:
     dtype: str  # e.g. "fp16", "int32", "string"
     shape: tuple  # ints, or None for a dimension not known until run time
@@ -34,25 +34,25 @@ class TensorType:
         return f"{tuple(self.shape)} {self.dtype}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StateType:
     wrapped: TensorType
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ListType:  # list/tuple values (rare in converted models; kept so loading never fails on them)
     element: Any
     length: int | None
 
 
-@dataclass
+@dataclass(slots=True)
 class Arg:
     """One binding of an op input: a reference to a named value, or an inline constant."""
     name: str | None = None
     value: Any = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Op:
     type: str
     inputs: dict[str, list[Arg]]  # variadic inputs (concat's values) have several bindings
@@ -65,14 +65,14 @@ class Op:
         return self.attributes.get("name") or (self.outputs[0][0] if self.outputs else self.type)
 
 
-@dataclass
+@dataclass(slots=True)
 class Block:
     inputs: list[tuple[str, Any]]
     operations: list[Op]
     outputs: list[str]
 
 
-@dataclass
+@dataclass(slots=True)
 class Function:
     name: str
     inputs: list[tuple[str, Any]]  # (name, TensorType | StateType)
@@ -80,7 +80,7 @@ class Function:
     opset: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Program:
     functions: dict[str, Function]
     default_function: str
@@ -88,7 +88,7 @@ class Program:
     description: Any = None  # the front end's model description, if any (names, shapes for validation)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Feature:
     """A declared input, output or state of a function, as CoreML validates it."""
     name: str
@@ -114,14 +114,14 @@ class Feature:
         return f"{tuple(self.shape)} {self.dtype}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Signature:
     inputs: tuple  # Feature, in declaration order
     outputs: tuple
     states: tuple
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BlobRef:
     """A constant stored in a weight file, read (and bounds-checked) when a function is prepared."""
     path: Any  # pathlib.Path inside the model package

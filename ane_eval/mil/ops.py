@@ -3,10 +3,13 @@
 Kernels compute in float32 (integers in their own dtype); the interpreter rounds every output to its declared
 dtype afterwards (fp16 emulation), so a kernel never needs to know the precision. Semantics follow the MIL op
 definitions in coremltools (`converters/mil/mil/ops/defs`). Kernels return fresh arrays, except the few the
-interpreter lists as views (`VIEW_OPS`), which matters for its in-place state updates.
+interpreter lists as views (`VIEW_OPS`), which matters for its in-place state updates. Kernels run under
+`np.errstate(all="ignore")`, set once per call by the interpreter: overflow to inf and NaN are IEEE results
+here, not warnings.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -87,26 +90,22 @@ for _name, _fn in _BINARY.items():
 
 @op("real_div")
 def real_div(x, y):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.true_divide(f32(x), f32(y))
+    return np.true_divide(f32(x), f32(y))
 
 
 @op("floor_div")
 def floor_div(x, y):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.floor_divide(x, y)
+    return np.floor_divide(x, y)
 
 
 @op("mod")
 def mod(x, y):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.mod(x, y)
+    return np.mod(x, y)
 
 
 @op("pow")
 def pow_(x, y):
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        return np.power(f32(x), f32(y))
+    return np.power(f32(x), f32(y))
 
 
 _UNARY = {
@@ -120,32 +119,27 @@ for _name, _fn in _UNARY.items():
 
 @op("exp")
 def exp(x):
-    with np.errstate(over="ignore"):
-        return np.exp(f32(x))
+    return np.exp(f32(x))
 
 
 @op("log")
 def log(x, epsilon=1e-45):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.log(f32(x) + np.float32(epsilon))
+    return np.log(f32(x) + np.float32(epsilon))
 
 
 @op("sqrt")
 def sqrt(x):
-    with np.errstate(invalid="ignore"):
-        return np.sqrt(f32(x))
+    return np.sqrt(f32(x))
 
 
 @op("rsqrt")
 def rsqrt(x, epsilon=1e-12):
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return 1.0 / np.sqrt(f32(x) + np.float32(epsilon))
+    return 1.0 / np.sqrt(f32(x) + np.float32(epsilon))
 
 
 @op("inverse")
 def inverse(x, epsilon=1e-4):
-    with np.errstate(divide="ignore"):
-        return 1.0 / (f32(x) + np.float32(epsilon))
+    return 1.0 / (f32(x) + np.float32(epsilon))
 
 
 @op("erf")
@@ -182,21 +176,18 @@ def leaky_relu(x, alpha=0.01):
 @op("elu")
 def elu(x, alpha=1.0):
     x = f32(x)
-    with np.errstate(over="ignore"):
-        return np.where(x > 0, x, np.float32(alpha) * (np.exp(x) - 1))
+    return np.where(x > 0, x, np.float32(alpha) * (np.exp(x) - 1))
 
 
 @op("sigmoid")
 def sigmoid(x):
-    with np.errstate(over="ignore"):
-        return 1.0 / (1.0 + np.exp(-f32(x)))
+    return 1.0 / (1.0 + np.exp(-f32(x)))
 
 
 @op("silu")
 def silu(x):
     x = f32(x)
-    with np.errstate(over="ignore"):
-        return x / (1.0 + np.exp(-x))
+    return x / (1.0 + np.exp(-x))
 
 
 @op("softplus")
@@ -279,9 +270,10 @@ def softmax(x, axis=-1):
 def layer_norm(x, axes=None, gamma=None, beta=None, epsilon=1e-5):
     x = f32(x)
     ax = tuple(axes_of(axes, x.ndim)) if axes is not None else tuple(range(x.ndim))
-    mean = x.mean(axis=ax, keepdims=True)
-    centered = x - mean
-    var = np.mean(centered * centered, axis=ax, keepdims=True)
+    count = np.float32(math.prod(x.shape[a] for a in ax))
+    # np.add.reduce / count is what np.mean computes for float32, without its Python-level overhead
+    centered = x - np.add.reduce(x, axis=ax, keepdims=True) / count
+    var = np.add.reduce(centered * centered, axis=ax, keepdims=True) / count
     out = centered / np.sqrt(var + np.float32(epsilon))
     if gamma is not None:
         out = out * f32(gamma)
@@ -335,11 +327,7 @@ def einsum(values, equation):
 def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1):
     x, w = f32(x), f32(weight)
     n_spatial = x.ndim - 2
-    k = w.shape[2:]
-    strides = ints(strides) if strides is not None else [1] * n_spatial
-    dilations = ints(dilations) if dilations is not None else [1] * n_spatial
-    groups = int(groups)
-    if all(s == 1 for s in k) and all(s == 1 for s in strides) and groups == 1 and str(pad_type) != "custom":
+    if _pointwise(w.shape, tuple(ints(strides or ())), int(groups), str(pad_type)):
         # 1x1 conv (every linear layer of an ANEMLL model): one matmul over the flattened spatial positions
         n, cin = x.shape[:2]
         w2 = w.reshape(w.shape[0], cin)
@@ -348,11 +336,20 @@ def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilatio
         else:
             out = np.matmul(w2, x.reshape(n, cin, -1)).reshape((n, w.shape[0]) + x.shape[2:])
     else:
+        k = w.shape[2:]
+        strides = ints(strides) if strides is not None else [1] * n_spatial
+        dilations = ints(dilations) if dilations is not None else [1] * n_spatial
         x = _pad_conv(x, k, strides, dilations, str(pad_type), pad)
-        out = _conv_general(x, w, strides, dilations, groups)
+        out = _conv_general(x, w, strides, dilations, int(groups))
     if bias is not None:
         out = out + f32(bias).reshape((1, -1) + (1,) * n_spatial)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _pointwise(w_shape, strides, groups, pad_type) -> bool:
+    """A 1x1, stride-1, ungrouped conv (cached per layer shape)."""
+    return all(s == 1 for s in w_shape[2:] + strides) and groups == 1 and pad_type != "custom"
 
 
 def _pad_conv(x, k, strides, dilations, pad_type, pad):
@@ -412,10 +409,16 @@ def reshape(x, shape):
 @op("expand_dims")
 def expand_dims(x, axes):
     x = np.asarray(x)
-    rank = x.ndim + len(ints(axes))
+    return x.reshape(_expanded(x.shape, tuple(ints(axes))))
+
+
+@functools.lru_cache(maxsize=None)
+def _expanded(shape, axes) -> tuple:
+    shape = list(shape)
+    rank = len(shape) + len(ints(axes))
     for a in sorted(a % rank for a in ints(axes)):
-        x = np.expand_dims(x, a)
-    return x
+        shape.insert(a, 1)
+    return tuple(shape)
 
 
 @op("squeeze")
@@ -423,7 +426,15 @@ def squeeze(x, axes=None):
     x = np.asarray(x)
     if axes is None:
         return np.squeeze(x)
-    return np.squeeze(x, axis=tuple(axes_of(axes, x.ndim)))
+    return x.reshape(_squeezed(x.shape, tuple(ints(axes))))
+
+
+@functools.lru_cache(maxsize=None)
+def _squeezed(shape, axes) -> tuple:
+    drop = set(axes_of(axes, len(shape)))
+    if any(shape[a] != 1 for a in drop):
+        raise OpError(f"squeeze: axes {ints(axes)} of a tensor of shape {shape} are not all of size 1")
+    return tuple(d for i, d in enumerate(shape) if i not in drop)
 
 
 @op("transpose")
@@ -464,6 +475,20 @@ def split(x, axis, num_splits=None, split_sizes=None):
 
 
 def _slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask):
+    key = (shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    try:
+        return _SLICES[key]
+    except TypeError:  # an argument computed at run time (an array): not cached
+        return _make_slices(*key)
+    except KeyError:
+        _SLICES[key] = found = _make_slices(*key)
+        return found
+
+
+_SLICES: dict = {}  # constant slicing arguments arrive as tuples: each distinct slice is worked out once
+
+
+def _make_slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask):
     rank = len(shape)
     begin, end = ints(begin), ints(end)
     stride = ints(stride) if stride is not None else [1] * rank

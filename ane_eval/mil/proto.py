@@ -91,14 +91,16 @@ def describe(path: Path) -> tuple[dict, dict, str]:
     return {"main": signature(desc)}, dict(desc.metadata.userDefined), "main"
 
 
-def load(path: Path) -> ir.Program:
+def load(path: Path, only: str | None = None) -> ir.Program:
+    """The program; with `only`, the IR of that one function (the others listed by name, with `None`)."""
     path = Path(path)
     spec = read_spec(path)
     if spec.WhichOneof("Type") != "mlProgram":
         raise ModelFormatError(f"{path}: a {spec.WhichOneof('Type')} model, not an ML Program; only ML Programs run here")
     _, root = locate(path)
     loader = _Loader(root)
-    functions = {name: loader.function(name, f) for name, f in spec.mlProgram.functions.items()}
+    functions = {name: loader.function(name, f) if only in (None, name) else None
+                 for name, f in spec.mlProgram.functions.items()}
     desc = spec.description
     default = desc.defaultFunctionName or ("main" if "main" in functions else next(iter(functions)))
     if desc.functions:
