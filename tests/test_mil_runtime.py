@@ -278,3 +278,26 @@ def test_single_file_mlmodel_program(tmp_path):
     y = mil.load(path).predict({"x": x})["y"]
     e = np.exp(2 * x - (2 * x).max(-1, keepdims=True))
     np.testing.assert_allclose(y, e / e.sum(-1, keepdims=True), rtol=1e-6)
+
+
+def test_op_failure_at_run_time_names_the_op(tmp_path):
+    """An op that fails while running (here a gather index past the table) is reported as one ExecutionError
+    naming the model, function, op type and output, by the compiled function's line -> op map."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(2,), dtype=ct.converters.mil.mil.types.int32)],
+                opset_version=ct.target.iOS18)
+    def prog(idx):
+        table = mb.const(val=np.arange(8, dtype=np.float32).reshape(4, 2))  # small: stored inline
+        return mb.mul(x=mb.gather(x=table, indices=idx, axis=0, name="rows"), y=np.float32(2.0), name="y")
+
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                       compute_precision=ct.precision.FLOAT32)
+    path = tmp_path / "gather.mlmodel"
+    path.write_bytes(model.get_spec().SerializeToString())
+    m = mil.load(path)
+    np.testing.assert_array_equal(m.predict({"idx": np.array([3, 0], np.int32)})["y"], [[12, 14], [0, 2]])
+    with pytest.raises(mil.ExecutionError, match=r"gather\.mlmodel:main: op gather \(rows\): gather: index 7 out of "
+                                                 r"bounds for an axis of size 4"):
+        m.predict({"idx": np.array([1, 7], np.int32)})

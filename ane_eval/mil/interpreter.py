@@ -331,8 +331,8 @@ class Plan:
                 step = self._failed_step(e.__traceback__)
                 if step is None:
                     raise
-                detail = f"{e}" if isinstance(e, OpError) else f"failed: {e}"
-                raise ExecutionError(f"{self.name}: op {step[0]} ({step[1]}) {detail}") from None
+                detail = f": {e}" if isinstance(e, OpError) else f" failed: {e}"
+                raise ExecutionError(f"{self.name}: op {step[0]} ({step[1]}){detail}") from None
 
     def _compile(self):
         """Straight-line Python for the steps: every value a local variable, every kernel, rounding function
