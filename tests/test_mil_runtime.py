@@ -301,3 +301,57 @@ def test_op_failure_at_run_time_names_the_op(tmp_path):
     with pytest.raises(mil.ExecutionError, match=r"gather\.mlmodel:main: op gather \(rows\): gather: index 7 out of "
                                                  r"bounds for an axis of size 4"):
         m.predict({"idx": np.array([1, 7], np.int32)})
+
+
+def _attention_program(tmp_path, softmax_op: bool, transpose_key: bool):
+    """q/k/v/mask inputs through the attention pattern the runtime fuses, saved as a single-file ML Program."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    H, T, S, D = 2, 3, 8, 4
+    k_shape = (1, H, S, D) if transpose_key else (1, H, D, S)
+    fp16 = ct.converters.mil.mil.types.fp16
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=s, dtype=fp16) for s in
+                             ((1, H, T, D), k_shape, (1, H, S, D), (1, 1, T, S))], opset_version=ct.target.iOS18)
+    def prog(q, k, v, mask):
+        scores = mb.add(x=mb.mul(x=np.float16(0.5), y=mb.matmul(x=q, y=k, transpose_y=transpose_key)), y=mask)
+        if softmax_op:
+            probs = mb.softmax(x=scores, axis=-1)
+        else:
+            e = mb.exp(x=mb.sub(x=scores, y=mb.reduce_max(x=scores, axes=[-1], keep_dims=True)))
+            probs = mb.real_div(x=e, y=mb.reduce_sum(x=e, axes=[-1], keep_dims=True))
+        return mb.matmul(x=probs, y=v, name="out")
+
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                       compute_precision=ct.precision.FLOAT16)
+    path = tmp_path / f"attn_{softmax_op}_{transpose_key}.mlmodel"
+    path.write_bytes(model.get_spec().SerializeToString())
+    gen = np.random.default_rng(0)
+    mask = np.zeros((1, 1, T, S), np.float32)
+    mask[..., 5:] = -np.inf  # slots 5.. unseen by every row
+    mask[0, 0, 0, 4] = -np.inf  # a slot only some rows see stays
+    inputs = {"q": gen.standard_normal((1, H, T, D)), "k": gen.standard_normal(k_shape),
+              "v": gen.standard_normal((1, H, S, D)), "mask": mask}
+    return path, {n: x.astype(np.float16) for n, x in inputs.items()}
+
+
+@pytest.mark.parametrize("softmax_op,transpose_key", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_fused_attention_matches_the_unfused_ops(tmp_path, monkeypatch, softmax_op, transpose_key, precision):
+    """The attention rewrite (one op over the visible key slots) gives the op-by-op results, and it takes place."""
+    from ane_eval.mil import fuse, interpreter, ops
+
+    path, inputs = _attention_program(tmp_path, softmax_op, transpose_key)
+    live = []
+    kernel = ops.KERNELS[fuse.FUSED_ATTENTION]
+    monkeypatch.setitem(ops.KERNELS, fuse.FUSED_ATTENTION,
+                        lambda **kw: live.append(ops._live_slots(kw["mask"], 8)) or kernel(**kw))
+    if precision == "fp32":
+        inputs = {n: x.astype(np.float32) for n, x in inputs.items()}
+    fused = mil.load(path, precision=precision).predict(inputs)["out"]
+    assert live == [5]
+    monkeypatch.setattr(interpreter, "fuse_attention", lambda ops_, outputs: ops_)
+    plain = mil.load(path, precision=precision).predict(inputs)["out"]
+    assert live == [5]  # the unfused program never called it
+    np.testing.assert_allclose(fused.astype(np.float32), plain.astype(np.float32), rtol=0, atol=2e-3)

@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from .fuse import FUSED_ATTENTION
+
 KERNELS: dict = {}
 # ops whose outputs may share memory with an input (the interpreter tracks these for in-place state updates)
 VIEW_OPS = {"identity", "reshape", "expand_dims", "squeeze", "transpose", "read_state", "slice_update",
@@ -395,6 +397,38 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None):
         mask = np.asarray(attn_mask)
         scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + f32(mask)
     return np.matmul(softmax(scores, -1), v)
+
+
+@op(FUSED_ATTENTION)
+def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax_op=False, _round=None):
+    """The attention pattern `fuse.fuse_attention` replaces, on the key slots some row can see: slots the mask
+    sets to -inf in every row add exactly 0. `_round` is the intermediates' rounding (the interpreter passes it in
+    fp16 mode), applied where the unfused ops' outputs were rounded."""
+    r = _round or _same
+    q, k, v, m = f32(query), f32(key), f32(value), f32(mask)
+    keys_t = np.swapaxes(k, -1, -2) if transpose_key else k  # (..., head_dim, slots)
+    live = _live_slots(m, keys_t.shape[-1])
+    if live < keys_t.shape[-1]:
+        keys_t, v, m = keys_t[..., :live], v[..., :live, :], m[..., :live]
+    scores = r(r(r(np.matmul(q, keys_t)) * f32(scale)) + m)
+    if softmax_op:
+        probs = r(softmax(scores, -1))
+    else:
+        e = r(np.exp(r(scores - np.max(scores, axis=-1, keepdims=True))))
+        probs = r(e / r(np.sum(e, axis=-1, keepdims=True)))
+    return np.matmul(probs, v)
+
+
+def _same(x):
+    return x
+
+
+def _live_slots(mask: np.ndarray, slots: int) -> int:
+    """1 + the last key slot the mask leaves visible to some row (all slots when the mask broadcasts over them)."""
+    if mask.ndim == 0 or mask.shape[-1] != slots:
+        return slots
+    visible = np.flatnonzero(~np.isneginf(mask).reshape(-1, slots).all(axis=0))
+    return int(visible[-1]) + 1 if visible.size else slots
 
 
 # --- shapes and indexing ---------------------------------------------------------------------------------------
