@@ -29,6 +29,8 @@ SELECTING_OPS = {"slice_by_index", "slice_by_size", "concat", "stack", "split", 
                  "select", "reduce_max", "reduce_min", "maximum", "minimum", "relu", "abs", "band_part"}
 STATE_OPS = {"read_state", "write_state", "coreml_update_state"}
 SMALL = 1024  # elements: below this numpy's fp16 cast pair is the fastest rounding (about 3 ns per element)
+SCALAR_ARGS = {"axis", "groups", "pad_type", "keep_dims", "transpose_x", "transpose_y", "interleave", "num_splits",
+               "batch_dims", "validate_indices", "mode", "lower", "upper", "ascending", "k"}
 MULTI_OUTPUT_OPS = {"split", "topk"}  # kernels returning a tuple
 
 
@@ -243,10 +245,16 @@ class Plan:
         coercers = [None if exact else _coercer(t, self.round_fp16) for _, t in o.outputs]
         coercers = [_round_small if c is round_to_fp16 and _small_static(t) else c
                     for c, (_, t) in zip(coercers, o.outputs)]
+        if o.type == "mul" and self._negates(args) and self._same_dtype(o, args):
+            coercers = [None]  # x * ±1 is exact
         for key in SHAPE_ARGS.intersection(args):  # constant shape-like arguments: plain tuples, converted once
             v = args[key]
             if isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in "iub" and v.size <= 16:
                 args[key] = tuple(v.tolist())
+        for key in SCALAR_ARGS.intersection(args):  # and scalar settings plain Python values
+            v = args[key]
+            if isinstance(v, np.ndarray) and v.ndim == 0 and v.dtype.kind in "iubU":
+                args[key] = v.item()
         names = [n for n, _ in o.outputs]
         dynamic = any(isinstance(v, _Var) or (isinstance(v, list) and any(isinstance(x, _Var) for x in v))
                       for v in args.values())
@@ -257,6 +265,12 @@ class Plan:
                 self.known[n] = r
             return
         self.steps.append(_Step(o.type, KERNELS[o.type], args, names, coercers))
+
+    @staticmethod
+    def _negates(args: dict) -> bool:
+        """mul(x, c) with c a constant 1 or -1 (the rotate-half and norm idioms)."""
+        consts = [v for k, v in args.items() if k in ("x", "y") and not isinstance(v, _Var)]
+        return len(consts) == 1 and np.size(consts[0]) == 1 and abs(float(np.asarray(consts[0]).reshape(-1)[0])) == 1
 
     def _same_dtype(self, o: ir.Op, args: dict) -> bool:
         """True when an op only selects or rearranges input values and its output dtype is its input's: values
@@ -358,18 +372,22 @@ class Plan:
                 lines.append(f"    {local(name)} = env[{name!r}]")
         self._line_step: dict[int, tuple] = {}  # line of the generated code -> (op type, first output)
         for j, s in enumerate(self.steps):
-            args = []
+            exprs = {}
             for key, v in s.args.items():
                 if isinstance(v, _Var):
-                    expr = local(v.name)
+                    exprs[key] = local(v.name)
                 elif isinstance(v, list):
-                    expr = "[" + ", ".join(local(x.name) if isinstance(x, _Var) else bind(x, f"c{j}_{key}_{i}")
-                                           for i, x in enumerate(v)) + "]"
+                    exprs[key] = "[" + ", ".join(local(x.name) if isinstance(x, _Var) else bind(x, f"c{j}_{key}_{i}")
+                                                 for i, x in enumerate(v)) + "]"
                 else:
-                    expr = bind(v, f"c{j}_{key}")
-                args.append(f"{key}={expr}" if key.isidentifier() and not keyword.iskeyword(key)
-                            else f"**{{{key!r}: {expr}}}")
-            call = f"{bind(s.kernel, f'k{j}')}({', '.join(args)})"
+                    exprs[key] = bind(v, f"c{j}_{key}")
+            ufunc = getattr(s.kernel, "ufunc", None)
+            if ufunc is not None and exprs.keys() == {"x", "y"}:  # elementwise: numpy's ufunc, no wrapper
+                call = f"{bind(ufunc, f'k{j}')}({exprs['x']}, {exprs['y']})"
+            else:
+                args = ", ".join(f"{k}={e}" if k.isidentifier() and not keyword.iskeyword(k) else f"**{{{k!r}: {e}}}"
+                                 for k, e in exprs.items())
+                call = f"{bind(s.kernel, f'k{j}')}({args})"
             outs = [local(n) for n in s.names]
             self._line_step[len(lines) + 1] = (s.type, s.names[0] if s.names else "-")
             if len(outs) == 1 and s.type not in MULTI_OUTPUT_OPS:

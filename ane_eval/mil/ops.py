@@ -40,7 +40,7 @@ def op(*names):
 def ints(x) -> list[int] | tuple:
     if isinstance(x, tuple):  # constant arguments arrive as tuples of ints (converted once at load)
         return x
-    return [int(v) for v in np.asarray(x).reshape(-1)]
+    return np.asarray(x).reshape(-1).tolist()
 
 
 def axes_of(x, rank: int) -> list[int]:
@@ -86,8 +86,15 @@ _BINARY = {
     "less": np.less, "less_equal": np.less_equal, "logical_and": np.logical_and, "logical_or": np.logical_or,
     "logical_xor": np.logical_xor,
 }
+def _elementwise(ufunc):
+    def kernel(x, y):
+        return ufunc(x, y)
+    kernel.ufunc = ufunc  # the interpreter calls it directly
+    return kernel
+
+
 for _name, _fn in _BINARY.items():
-    KERNELS[_name] = (lambda fn: lambda x, y: fn(x, y))(_fn)
+    KERNELS[_name] = _elementwise(_fn)
 
 
 @op("real_div")
@@ -406,7 +413,7 @@ def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax
     fp16 mode), applied where the unfused ops' outputs were rounded."""
     r = _round or _same
     q, k, v, m = f32(query), f32(key), f32(value), f32(mask)
-    keys_t = np.swapaxes(k, -1, -2) if transpose_key else k  # (..., head_dim, slots)
+    keys_t = k.swapaxes(-1, -2) if transpose_key else k  # (..., head_dim, slots)
     live = _live_slots(m, keys_t.shape[-1])
     if live < keys_t.shape[-1]:
         keys_t, v, m = keys_t[..., :live], v[..., :live, :], m[..., :live]
@@ -414,8 +421,8 @@ def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax
     if softmax_op:
         probs = r(softmax(scores, -1))
     else:
-        e = r(np.exp(r(scores - np.max(scores, axis=-1, keepdims=True))))
-        probs = r(e / r(np.sum(e, axis=-1, keepdims=True)))
+        e = r(np.exp(r(scores - scores.max(-1, keepdims=True))))
+        probs = r(e / r(e.sum(-1, keepdims=True)))
     return np.matmul(probs, v)
 
 
@@ -427,7 +434,8 @@ def _live_slots(mask: np.ndarray, slots: int) -> int:
     """1 + the last key slot the mask leaves visible to some row (all slots when the mask broadcasts over them)."""
     if mask.ndim == 0 or mask.shape[-1] != slots:
         return slots
-    visible = np.flatnonzero(~np.isneginf(mask).reshape(-1, slots).all(axis=0))
+    rows = mask.reshape(-1, slots) != -np.inf  # NaN counts as visible: it reaches the output either way
+    visible = np.flatnonzero(rows.any(axis=0) if rows.shape[0] > 1 else rows[0])
     return int(visible[-1]) + 1 if visible.size else slots
 
 
@@ -435,9 +443,12 @@ def _live_slots(mask: np.ndarray, slots: int) -> int:
 @op("reshape")
 def reshape(x, shape):
     x = np.asarray(x)
-    target = ints(shape)
-    target = [x.shape[i] if s == 0 else s for i, s in enumerate(target)]
-    return x.reshape(target)
+    return x.reshape(_reshaped(x.shape, tuple(ints(shape))))
+
+
+@functools.lru_cache(maxsize=4096)
+def _reshaped(shape, target) -> tuple:
+    return tuple(shape[i] if s == 0 else s for i, s in enumerate(target))  # 0 keeps the input's dimension
 
 
 @op("expand_dims")
@@ -473,24 +484,28 @@ def _squeezed(shape, axes) -> tuple:
 
 @op("transpose")
 def transpose(x, perm):
-    return np.transpose(x, ints(perm))
+    return np.asarray(x).transpose(ints(perm))
 
 
 @op("tile")
 def tile(x, reps):
-    return np.tile(x, ints(reps))
+    x, reps = np.asarray(x), ints(reps)
+    if len(reps) == x.ndim and all(r == 1 or d == 1 for r, d in zip(reps, x.shape)):
+        # repeating only size-1 dimensions (a grouped-query KV head repeat) is a broadcast
+        return np.broadcast_to(x, tuple(r * d for r, d in zip(reps, x.shape))).copy()
+    return np.tile(x, reps)
 
 
 @op("concat")
 def concat(values, axis, interleave=False):
+    if not interleave:
+        return np.concatenate(values, axis=int(axis))
     values = [np.asarray(v) for v in values]
-    if interleave:
-        ax = int(axis) % values[0].ndim
-        stacked = np.stack(values, axis=ax + 1)
-        shape = list(values[0].shape)
-        shape[ax] *= len(values)
-        return stacked.reshape(shape)
-    return np.concatenate(values, axis=int(axis))
+    ax = int(axis) % values[0].ndim
+    stacked = np.stack(values, axis=ax + 1)
+    shape = list(values[0].shape)
+    shape[ax] *= len(values)
+    return stacked.reshape(shape)
 
 
 @op("stack")
@@ -509,19 +524,18 @@ def split(x, axis, num_splits=None, split_sizes=None):
 
 
 def _slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask):
-    key = (shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    # constant arguments arrive as tuples; begin/end computed at run time (a KV-cache position) as small arrays
+    if not isinstance(begin, tuple):
+        begin = tuple(ints(begin))
+    if not isinstance(end, tuple):
+        end = tuple(ints(end))
     try:
-        return _SLICES[key]
-    except TypeError:  # an argument computed at run time (an array): not cached
-        return _make_slices(*key)
-    except KeyError:
-        _SLICES[key] = found = _make_slices(*key)
-        return found
+        return _make_slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    except TypeError:  # another argument computed at run time: not cacheable
+        return _make_slices.__wrapped__(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
 
 
-_SLICES: dict = {}  # constant slicing arguments arrive as tuples: each distinct slice is worked out once
-
-
+@functools.lru_cache(maxsize=4096)  # each distinct slice is worked out once
 def _make_slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask):
     rank = len(shape)
     begin, end = ints(begin), ints(end)
@@ -587,10 +601,13 @@ def _check_indices(indices, size, what):
 def gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
     x = np.asarray(x)
     ax = int(axis) % x.ndim
-    idx = _check_indices(indices, x.shape[ax], "gather")
     if int(batch_dims):
         raise OpError("gather with batch_dims > 0 is not supported")
-    return np.take(x, idx, axis=ax)
+    try:
+        return np.take(x, indices, axis=ax)  # bounds-checked; negative indices count from the end, as in MIL
+    except IndexError:
+        _check_indices(indices, x.shape[ax], "gather")  # raises the readable error
+        raise
 
 
 @op("gather_along_axis")
