@@ -490,9 +490,9 @@ def transpose(x, perm):
 @op("tile")
 def tile(x, reps):
     x, reps = np.asarray(x), ints(reps)
-    if len(reps) == x.ndim and all(r == 1 or d == 1 for r, d in zip(reps, x.shape)):
-        # repeating only size-1 dimensions (a grouped-query KV head repeat) is a broadcast
-        return np.broadcast_to(x, tuple(r * d for r, d in zip(reps, x.shape))).copy()
+    repeated = [a for a, r in enumerate(reps) if r != 1]
+    if len(reps) == x.ndim and len(repeated) == 1 and x.shape[repeated[0]] == 1:
+        return np.repeat(x, reps[repeated[0]], axis=repeated[0])  # one size-1 axis (a grouped-query KV repeat)
     return np.tile(x, reps)
 
 
