@@ -351,7 +351,46 @@ def test_fused_attention_matches_the_unfused_ops(tmp_path, monkeypatch, softmax_
         inputs = {n: x.astype(np.float32) for n, x in inputs.items()}
     fused = mil.load(path, precision=precision).predict(inputs)["out"]
     assert live == [5]
-    monkeypatch.setattr(interpreter, "fuse_attention", lambda ops_, outputs: ops_)
+    monkeypatch.setattr(interpreter, "fuse", lambda ops_, outputs: ops_)
     plain = mil.load(path, precision=precision).predict(inputs)["out"]
     assert live == [5]  # the unfused program never called it
     np.testing.assert_allclose(fused.astype(np.float32), plain.astype(np.float32), rtol=0, atol=2e-3)
+
+
+def test_rotary_and_norm_fusions_are_bit_identical(demo_dir, monkeypatch):
+    """The rotary and mirrored-norm rewrites change nothing, bit for bit, on both functions of a demo chunk; the
+    attention rewrite stays within fp16 rounding of the op-by-op program."""
+    from collections import Counter
+
+    from ane_eval.mil import fuse, proto
+    from ane_eval.model import causal_mask
+
+    chunk = next(demo_dir.glob("*_chunk_01of02.mlpackage"))
+    every = fuse.PATTERNS
+    rng = np.random.default_rng(0)
+    cache = rng.standard_normal((8, 2, 256, 32)).astype(np.float16)
+    calls = {
+        "prefill": {"hidden_states": rng.standard_normal((1, 32, 128)).astype(np.float16),
+                    "position_ids": np.arange(32, 64, dtype=np.int32),
+                    "causal_mask": causal_mask(256)[:, :, 32:64, :],
+                    "current_pos": np.array([32], np.int32)},
+        "infer": {"hidden_states": rng.standard_normal((1, 1, 128)).astype(np.float16),
+                  "position_ids": np.array([40], np.int32),
+                  "causal_mask": causal_mask(256)[:, :, 40:41, :],
+                  "current_pos": np.array([40], np.int32)}}
+
+    def run(function, patterns):
+        monkeypatch.setattr(fuse, "PATTERNS", patterns)
+        m = mil.MILModel(chunk, function)
+        state = m.make_state()
+        state.write_state("model_model_kv_cache_0", cache)
+        return m.predict(calls[function], state)["output_hidden_states"].astype(np.float32)
+
+    for function in calls:
+        fn = proto.load(chunk, only=function).functions[function]
+        monkeypatch.setattr(fuse, "PATTERNS", every)
+        fused = Counter(o.type for o in fuse.fuse(fn.block.operations, fn.block.outputs))
+        assert [fused[t] for t in (fuse.FUSED_ROTARY, fuse.FUSED_MIRRORED_NORM, fuse.FUSED_ATTENTION)] == [4, 4, 2]
+        plain = run(function, ())
+        np.testing.assert_array_equal(run(function, (fuse._rotary, fuse._mirrored_norm)), plain)
+        np.testing.assert_allclose(run(function, every), plain, rtol=0, atol=np.abs(plain).max() * 2e-3)

@@ -1,16 +1,16 @@
-"""Plan-time rewrite: masked softmax attention as one op that skips the key slots the mask removes.
+"""Plan-time rewrites of the op patterns converted transformers repeat in every layer, each into one op.
 
-A converted model attends over every slot of its KV cache (the context length) for every query row, and masks
-the slots past the current position with -inf. Slots masked in every row contribute exactly nothing (exp(-inf) is
-0), so `attention` computes the same ops on the live prefix only: during a 256-token prefill of a 512-slot cache,
-less than a third of the scores. The rewrite matches
+A decode step of a small model is hundreds of tiny ops, each costing more in dispatch than in arithmetic, and a
+prefill attends over every KV-cache slot. Three patterns (as ANEMLL and our builder emit them) become one op each:
 
-    scores = matmul(q, k, transpose_y) * scale + mask
-    probs  = softmax(scores)   or   exp(scores - reduce_max(scores)) / reduce_sum(exp(...))
-    out    = matmul(probs, v)
+- masked attention: matmul(q, k^T) * scale + mask -> softmax (the op, or exp/reduce_max/reduce_sum/real_div) ->
+  matmul(probs, v). The fused op computes only the key slots some row can see: slots the mask sets to -inf in
+  every row contribute exactly 0. Results equal the unfused ops up to float32 summation order.
+- rotary embedding: x * cos + concat(-x[..., h:], x[..., :h]) * sin. Bit-identical.
+- mirrored layer norm (ANEMLL's RMSNorm): slice(layer_norm(concat(x, -x)), first half). Bit-identical.
 
-with every intermediate used only inside the pattern and of the output's dtype, and keeps every intermediate
-rounding. Results equal the unfused ops up to float32 summation order (the sums run over fewer zeros).
+A pattern is fused only when every intermediate is used inside it alone and has the output's dtype; each kernel
+keeps every intermediate rounding of the ops it replaces (the interpreter passes `_round` in fp16 mode).
 """
 from __future__ import annotations
 
@@ -18,147 +18,228 @@ import numpy as np
 
 from . import ir
 
-FUSED_ATTENTION = "ane_eval_masked_attention"  # not a MIL op name: the kernel registry's internal entry
+# not MIL op names: internal entries of the kernel registry
+FUSED_ATTENTION = "ane_eval_masked_attention"
+FUSED_ROTARY = "ane_eval_rotary"
+FUSED_MIRRORED_NORM = "ane_eval_mirrored_layer_norm"
+FUSED_OPS = {FUSED_ATTENTION, FUSED_ROTARY, FUSED_MIRRORED_NORM}
 
 
-def fuse_attention(ops: list[ir.Op], outputs: list[str]) -> list[ir.Op]:
-    """`ops` with each matched attention pattern replaced by one FUSED_ATTENTION op (at the final matmul's place)."""
-    consts = {o.outputs[0][0]: o.attributes.get("val") for o in ops if o.type == "const" and o.outputs}
-    producer = {name: op for op in ops for name, _ in op.outputs}
-    uses: dict[str, list[ir.Op]] = {}
-    for op in ops:
-        for bindings in op.inputs.values():
-            for a in bindings:
-                if a.name is not None:
-                    uses.setdefault(a.name, []).append(op)
-    for name in outputs:
-        uses.setdefault(name, []).append(None)  # a block output is a use outside any pattern
-
+def fuse(ops: list[ir.Op], outputs: list[str]) -> list[ir.Op]:
+    """`ops` with each matched pattern replaced by its fused op, placed where the pattern's last op was."""
+    g = _Graph(ops, outputs)
     replaced: dict[int, ir.Op] = {}
     dropped: set[int] = set()
     for op in ops:
-        match = _match(op, producer, uses, consts)
-        if match is not None:
-            fused, internal = match
-            if any(id(o) in dropped for o in internal):
-                continue
-            replaced[id(op)] = fused
-            dropped.update(id(o) for o in internal)
+        for match in PATTERNS:
+            found = match(g, op)
+            if found is not None and not any(id(o) in dropped or id(o) in replaced for o in found[1]):
+                replaced[id(op)] = found[0]
+                dropped.update(id(o) for o in found[1])
+                break
     if not replaced:
         return ops
-    return [replaced.get(id(o), o) for o in ops if id(o) not in dropped or id(o) in replaced]
+    return [replaced.get(id(o), o) for o in ops if id(o) not in dropped]
 
 
-def _match(out_op: ir.Op, producer, uses, consts):
-    """(fused op, the pattern's other ops) when `out_op` is matmul(probs, v) ending the pattern, else None."""
-    if out_op.type != "matmul" or _flag(out_op, "transpose_x", consts) is not False \
-            or _flag(out_op, "transpose_y", consts) is not False:
-        return None
-    dtype = out_op.outputs[0][1].dtype if isinstance(out_op.outputs[0][1], ir.TensorType) else None
-    chain: list[ir.Op] = []
+class _Graph:
+    def __init__(self, ops: list[ir.Op], outputs: list[str]):
+        self.consts = {o.outputs[0][0]: o.attributes.get("val") for o in ops if o.type == "const" and o.outputs}
+        self.producer = {name: op for op in ops for name, _ in op.outputs}
+        self.uses: dict[str, int] = {}
+        for op in ops:
+            for bindings in op.inputs.values():
+                for a in bindings:
+                    if a.name is not None:
+                        self.uses[a.name] = self.uses.get(a.name, 0) + 1
+        for name in outputs:  # a block output is a use outside any pattern
+            self.uses[name] = self.uses.get(name, 0) + 1
 
-    def single(op, key, want, n_uses=1):
-        """The op of type `want` feeding op's input `key`, used only n_uses times (all inside the pattern)."""
-        args = op.inputs.get(key, [])
-        if len(args) != 1 or args[0].name is None:
+    def source(self, op: ir.Op, key: str, want: str, dtype: str, uses: int = 1) -> ir.Op | None:
+        """The op of type `want` whose output feeds `op`'s input `key`, when that output has `dtype` and is read
+        exactly `uses` times (all inside the pattern)."""
+        name = self.name(op, key)
+        src = self.producer.get(name) if name is not None else None
+        if src is None or src.type != want or self.uses.get(name) != uses or _dtype(src) != dtype:
             return None
-        src = producer.get(args[0].name)
-        if src is None or src.type != want or len(uses.get(args[0].name, [])) != n_uses:
-            return None
-        t = src.outputs[0][1]
-        if not isinstance(t, ir.TensorType) or t.dtype != dtype:
-            return None
-        chain.append(src)
         return src
 
-    probs = _producer_of(out_op, "x", producer)
-    if probs is None:
-        return None
-    if probs.type == "softmax":
-        if not _last_axis(probs, "axis", consts) or single(out_op, "x", "softmax") is None:
+    @staticmethod
+    def name(op: ir.Op, key: str) -> str | None:
+        args = op.inputs.get(key, [])
+        return args[0].name if len(args) == 1 else None
+
+    def const(self, op: ir.Op, key: str):
+        """The constant bound to an input, or None (absent, or computed at run time)."""
+        args = op.inputs.get(key, [])
+        if len(args) != 1:
             return None
-        scores = single(probs, "x", "add")
-    elif probs.type == "real_div":
-        if single(out_op, "x", "real_div") is None:
-            return None
-        e = single(probs, "x", "exp", n_uses=2)
-        z = single(probs, "y", "reduce_sum")
-        if e is None or z is None or _arg_name(z, "x") != e.outputs[0][0] or not _last_axis(z, "axes", consts):
-            return None
-        d = single(e, "x", "sub")
-        if d is None:
-            return None
-        m = single(d, "y", "reduce_max")
-        if m is None or not _last_axis(m, "axes", consts):
-            return None
-        scores = single(d, "x", "add", n_uses=2)
-        if scores is None or _arg_name(m, "x") != scores.outputs[0][0]:
-            return None
-    else:
-        return None
-    if scores is None:
-        return None
-    # scores = add(mul(matmul(q, k), scale), mask), either operand order
-    scaled, mask = _split(scores, "mul", producer)
-    if scaled is None or len(uses.get(scaled.outputs[0][0], [])) != 1 or scaled.outputs[0][1].dtype != dtype:
-        return None
-    chain.append(scaled)
-    raw, scale = _split(scaled, "matmul", producer)
-    if raw is None or len(uses.get(raw.outputs[0][0], [])) != 1 or raw.outputs[0][1].dtype != dtype:
-        return None
-    transpose_key = _flag(raw, "transpose_y", consts)
-    if _flag(raw, "transpose_x", consts) is not False or transpose_key is None:
-        return None
-    chain.append(raw)
-    inputs = {"query": raw.inputs["x"], "key": raw.inputs["y"], "value": out_op.inputs["y"], "scale": scale,
-              "mask": mask}
-    fused = ir.Op(type=FUSED_ATTENTION, inputs=inputs, outputs=list(out_op.outputs),
-                  attributes={"name": out_op.name, "transpose_key": transpose_key,
-                              "softmax_op": probs.type == "softmax"})
-    return fused, chain
+        return self.consts.get(args[0].name) if args[0].name is not None else args[0].value
+
+    def flag(self, op: ir.Op, key: str) -> bool | None:
+        """A boolean input's constant value (False when absent, MIL's default); None when computed at run time."""
+        if not op.inputs.get(key):
+            return False
+        v = self.const(op, key)
+        return None if v is None else bool(np.asarray(v).reshape(-1)[0])
+
+    def last_axis(self, op: ir.Op, key: str) -> bool:
+        """True when the op works along the last axis only (reductions: keeping the dims)."""
+        v = self.const(op, key)
+        t = op.outputs[0][1]
+        if v is None or not isinstance(t, ir.TensorType) or not t.rank:
+            return False
+        axes = [int(a) for a in np.asarray(v).reshape(-1)]
+        keeps = op.type in ("softmax", "layer_norm", "concat") or self.flag(op, "keep_dims") is True
+        return len(axes) == 1 and axes[0] % t.rank == t.rank - 1 and keeps
+
+    def negation_of(self, op: ir.Op | None, x: str) -> bool:
+        """op is mul(x, -1) in either operand order."""
+        if op is None or op.type != "mul":
+            return False
+        for this, other in (("x", "y"), ("y", "x")):
+            c = self.const(op, other)
+            if self.name(op, this) == x and c is not None and np.size(c) == 1 and float(np.asarray(c).reshape(-1)[0]) == -1:
+                return True
+        return False
+
+    def half_slice(self, op: ir.Op | None, x: str, first: bool) -> bool:
+        """op is slice_by_index(x) taking the first (or second) half of the last axis and all of the others."""
+        if op is None or op.type != "slice_by_index" or self.name(op, "x") != x:
+            return False
+        t = self.producer[x].outputs[0][1] if x in self.producer else None
+        args = {k: self.const(op, k) for k in ("begin", "end", "stride", "begin_mask", "end_mask", "squeeze_mask")}
+        if not isinstance(t, ir.TensorType) or None in t.shape or args["begin"] is None or args["end"] is None:
+            return False
+        from .ops import slices  # here: ops imports this module's names
+        try:
+            index, squeezed = slices(tuple(t.shape), *(_tuple(args[k]) for k in args))
+        except (ValueError, IndexError, TypeError):
+            return False
+        h = t.shape[-1] // 2
+        want = slice(0, h) if first else slice(h, t.shape[-1])
+        full = [i.indices(d) == (0, d, 1) for i, d in zip(index[:-1], t.shape[:-1])]
+        return not squeezed and all(full) and index[-1].indices(t.shape[-1]) == want.indices(t.shape[-1]) \
+            and t.shape[-1] % 2 == 0
 
 
-def _producer_of(op, key, producer):
-    args = op.inputs.get(key, [])
-    return producer.get(args[0].name) if len(args) == 1 and args[0].name is not None else None
+def _dtype(op: ir.Op) -> str | None:
+    t = op.outputs[0][1] if op.outputs else None
+    return t.dtype if isinstance(t, ir.TensorType) else None
 
 
-def _arg_name(op, key):
-    args = op.inputs.get(key, [])
-    return args[0].name if len(args) == 1 else None
+def _tuple(v):
+    return None if v is None else tuple(np.asarray(v).reshape(-1).tolist())
 
 
-def _split(op, want: str, producer):
-    """For a binary op: (the operand produced by an op of type `want`, the other operand's bindings)."""
+def _operands(op: ir.Op, g: _Graph, want: str, dtype: str):
+    """For a binary op: (the source op of type `want` feeding one operand, the other operand's bindings)."""
     for this, other in (("x", "y"), ("y", "x")):
-        src = _producer_of(op, this, producer)
-        if src is not None and src.type == want and len(op.inputs.get(other, [])) == 1:
+        src = g.source(op, this, want, dtype)
+        if src is not None and len(op.inputs.get(other, [])) == 1:
             return src, op.inputs[other]
     return None, None
 
 
-def _const(op, key, consts):
-    """The constant bound to an input, or None (absent, or computed at run time)."""
-    args = op.inputs.get(key, [])
-    if len(args) != 1:
+def _attention(g: _Graph, out: ir.Op):
+    """out = matmul(probs, v) ending masked softmax attention."""
+    if out.type != "matmul" or g.flag(out, "transpose_x") is not False or g.flag(out, "transpose_y") is not False:
         return None
-    return consts.get(args[0].name) if args[0].name is not None else args[0].value
+    dtype = _dtype(out)
+    probs = g.producer.get(g.name(out, "x"))
+    if probs is None:
+        return None
+    internal = []
+    if probs.type == "softmax":
+        if g.source(out, "x", "softmax", dtype) is None or not g.last_axis(probs, "axis"):
+            return None
+        scores = g.source(probs, "x", "add", dtype)
+        internal += [probs]
+    elif probs.type == "real_div":
+        e = g.source(probs, "x", "exp", dtype, uses=2)
+        z = g.source(probs, "y", "reduce_sum", dtype)
+        if g.source(out, "x", "real_div", dtype) is None or e is None or z is None \
+                or g.name(z, "x") != e.outputs[0][0] or not g.last_axis(z, "axes"):
+            return None
+        d = g.source(e, "x", "sub", dtype)
+        m = g.source(d, "y", "reduce_max", dtype) if d is not None else None
+        if m is None or not g.last_axis(m, "axes"):
+            return None
+        scores = g.source(d, "x", "add", dtype, uses=2)
+        if scores is None or g.name(m, "x") != scores.outputs[0][0]:
+            return None
+        internal += [probs, e, z, d, m]
+    else:
+        return None
+    if scores is None:
+        return None
+    scaled, mask = _operands(scores, g, "mul", dtype)
+    raw, scale = _operands(scaled, g, "matmul", dtype) if scaled is not None else (None, None)
+    if raw is None or g.flag(raw, "transpose_x") is not False or g.flag(raw, "transpose_y") is None:
+        return None
+    internal += [scores, scaled, raw]
+    fused = ir.Op(type=FUSED_ATTENTION, outputs=list(out.outputs),
+                  inputs={"query": raw.inputs["x"], "key": raw.inputs["y"], "value": out.inputs["y"], "scale": scale,
+                          "mask": mask},
+                  attributes={"name": out.name, "transpose_key": g.flag(raw, "transpose_y"),
+                              "softmax_op": probs.type == "softmax"})
+    return fused, internal
 
 
-def _flag(op, key, consts) -> bool | None:
-    """A boolean input's constant value (False when absent, MIL's default); None when computed at run time."""
-    if not op.inputs.get(key):
-        return False
-    v = _const(op, key, consts)
-    return None if v is None else bool(np.asarray(v).reshape(-1)[0])
+def _rotary(g: _Graph, out: ir.Op):
+    """out = add(mul(x, cos), mul(concat(mul(x[..., h:], -1), x[..., :h]), sin))."""
+    if out.type != "add":
+        return None
+    dtype = _dtype(out)
+    for a_key, b_key in (("x", "y"), ("y", "x")):
+        a = g.source(out, a_key, "mul", dtype)
+        b = g.source(out, b_key, "mul", dtype)
+        if a is None or b is None:
+            continue
+        rot, sin = _operands(b, g, "concat", dtype)
+        if rot is None or not g.last_axis(rot, "axis") or g.flag(rot, "interleave") is not False:
+            continue
+        parts = rot.inputs.get("values", [])
+        if len(parts) != 2 or parts[0].name is None or parts[1].name is None:
+            continue
+        neg, x1 = g.producer.get(parts[0].name), g.producer.get(parts[1].name)
+        if neg is None or x1 is None or g.uses.get(parts[0].name) != 1 or g.uses.get(parts[1].name) != 1:
+            continue
+        x = g.name(x1, "x")
+        x2 = g.producer.get(g.name(neg, "x") or "")
+        x2_name = x2.outputs[0][0] if x2 is not None else None
+        if not (g.half_slice(x1, x, first=True) and g.negation_of(neg, x2_name) and g.uses.get(x2_name) == 1
+                and g.half_slice(x2, x, first=False) and _dtype(neg) == _dtype(x1) == _dtype(x2) == dtype):
+            continue
+        for this, other in (("x", "y"), ("y", "x")):
+            if g.name(a, this) == x and len(a.inputs.get(other, [])) == 1:
+                fused = ir.Op(type=FUSED_ROTARY, outputs=list(out.outputs), attributes={"name": out.name},
+                              inputs={"x": a.inputs[this], "cos": a.inputs[other], "sin": sin})
+                return fused, [a, b, rot, neg, x1, x2]
+    return None
 
 
-def _last_axis(op, key, consts) -> bool:
-    """True when the op reduces over (or normalizes along) the last axis only, keeping the dims."""
-    v = _const(op, key, consts)
-    t = op.outputs[0][1]
-    if v is None or not isinstance(t, ir.TensorType) or not t.rank:
-        return False
-    axes = [int(a) for a in np.asarray(v).reshape(-1)]
-    keeps = op.type == "softmax" or _flag(op, "keep_dims", consts) is True
-    return len(axes) == 1 and axes[0] % t.rank == t.rank - 1 and keeps
+def _mirrored_norm(g: _Graph, out: ir.Op):
+    """out = slice_by_index(layer_norm(concat(x, mul(x, -1)), last axis), first half): ANEMLL's RMSNorm."""
+    if out.type != "slice_by_index":
+        return None
+    dtype = _dtype(out)
+    norm = g.source(out, "x", "layer_norm", dtype)
+    if norm is None or not g.last_axis(norm, "axes") or norm.inputs.get("gamma") or norm.inputs.get("beta"):
+        return None
+    doubled = g.source(norm, "x", "concat", dtype)
+    if doubled is None or not g.last_axis(doubled, "axis") or g.flag(doubled, "interleave") is not False:
+        return None
+    parts = doubled.inputs.get("values", [])
+    if len(parts) != 2 or parts[0].name is None or parts[1].name is None:
+        return None
+    neg = g.producer.get(parts[1].name)
+    if g.uses.get(parts[1].name) != 1 or not g.negation_of(neg, parts[0].name) or _dtype(neg) != dtype \
+            or not g.half_slice(out, norm.outputs[0][0], first=True):
+        return None
+    fused = ir.Op(type=FUSED_MIRRORED_NORM, outputs=list(out.outputs), attributes={"name": out.name},
+                  inputs={"x": [parts[0]], **({"epsilon": norm.inputs["epsilon"]} if "epsilon" in norm.inputs else {})})
+    return fused, [norm, doubled, neg]
+
+
+PATTERNS = (_attention, _rotary, _mirrored_norm)

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import ir
 from .blob import BlobFile
-from .fuse import FUSED_ATTENTION, fuse_attention
+from .fuse import FUSED_OPS, fuse
 from .ops import CONSTEXPR, KERNELS, VIEW_OPS, OpError
 
 VARIADIC = {"values"}  # inputs that are always a list (concat, stack, einsum)
@@ -195,7 +195,7 @@ class Plan:
         for o in fn.block.operations:
             self.types.update({n: t.dtype for n, t in o.outputs if isinstance(t, ir.TensorType)})
         with np.errstate(all="ignore"):  # constant folding runs kernels too (see run)
-            for o in fuse_attention(fn.block.operations, fn.block.outputs):
+            for o in fuse(fn.block.operations, fn.block.outputs):
                 self._prepare(o, consts)
         # the block's outputs, aliases resolved: a _Var (computed or an input) or a constant
         self.results = {n: self.alias.get(n, self.known.get(n, _Var(n))) for n in self.outputs}
@@ -239,7 +239,7 @@ class Plan:
         if o.type == "identity" or (o.type == "cast" and self._same_dtype(o, args)):
             self.alias[o.outputs[0][0]] = args["x"]  # passes its input through unchanged: no step at all
             return
-        if o.type == FUSED_ATTENTION and self.round_fp16 and self.types.get(o.outputs[0][0]) == "fp16":
+        if o.type in FUSED_OPS and self.round_fp16 and self.types.get(o.outputs[0][0]) == "fp16":
             args["_round"] = round_to_fp16  # its intermediates are fp16 values too (fuse checks the dtypes)
         exact = o.type in VIEW_OPS or (o.type in SELECTING_OPS and self._same_dtype(o, args))
         coercers = [None if exact else _coercer(t, self.round_fp16) for _, t in o.outputs]

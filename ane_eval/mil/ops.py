@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .fuse import FUSED_ATTENTION
+from .fuse import FUSED_ATTENTION, FUSED_MIRRORED_NORM, FUSED_ROTARY
 
 KERNELS: dict = {}
 # ops whose outputs may share memory with an input (the interpreter tracks these for in-place state updates)
@@ -426,6 +426,25 @@ def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax
     return np.matmul(probs, v)
 
 
+@op(FUSED_ROTARY)
+def rotary(x, cos, sin, _round=None):
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x[..., h:], x[..., :h]) (exact)."""
+    r = _round or _same
+    x = f32(x)
+    h = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+    return r(x * f32(cos)) + r(rotated * f32(sin))
+
+
+@op(FUSED_MIRRORED_NORM)
+def mirrored_layer_norm(x, epsilon=1e-5, _round=None):
+    """The first half of layer_norm(concat(x, -x)) over the last axis: ANEMLL's RMSNorm, computed as written."""
+    r = _round or _same
+    x = f32(x)
+    normed = layer_norm(np.concatenate([x, -x], axis=-1), axes=(-1,), epsilon=epsilon)
+    return r(np.ascontiguousarray(normed[..., :x.shape[-1]]))
+
+
 def _same(x):
     return x
 
@@ -523,7 +542,8 @@ def split(x, axis, num_splits=None, split_sizes=None):
     return tuple(np.split(x, int(num_splits), axis=ax))
 
 
-def _slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask):
+def slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask):
+    """(index tuple, squeezed axes) of a slice_by_index/slice_update on a tensor of `shape`."""
     # constant arguments arrive as tuples; begin/end computed at run time (a KV-cache position) as small arrays
     if not isinstance(begin, tuple):
         begin = tuple(ints(begin))
@@ -559,7 +579,7 @@ def _make_slices(shape, begin, end, stride, begin_mask, end_mask, squeeze_mask):
 @op("slice_by_index")
 def slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
     x = np.asarray(x)
-    index, squeezed = _slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    index, squeezed = slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
     out = x[index].copy()  # a copy: the source may be a state buffer that is later updated in place
     return np.squeeze(out, axis=squeezed) if squeezed else out
 
@@ -577,7 +597,7 @@ def slice_update(x, update, begin, end, stride=None, begin_mask=None, end_mask=N
                  _in_place=False):
     x = np.asarray(x)
     out = x if _in_place else x.copy()
-    index, squeezed = _slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
+    index, squeezed = slices(x.shape, begin, end, stride, begin_mask, end_mask, squeeze_mask)
     target_shape = out[index].shape
     update = np.asarray(update)
     if squeezed:
