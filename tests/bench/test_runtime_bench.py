@@ -92,8 +92,11 @@ def compare(benchmark, name, checkpoint, model_dir, prompt_len, rounds):
     t_ane = best_of(ane_decode(m, decode_prompt, DECODE_TOKENS), rounds) - best_of(ane_decode(m, decode_prompt, 0), rounds)
     p_hf = best_of(hf_prefill(hf, prompt), rounds)
     p_ane = best_of(ane_prefill(m, prompt), rounds)
+    from ane_eval.mil.interpreter import _torch
+
     info = {
         "model": name, "backend": "mil", "precision": "fp16", "context": m.context_length, "batch": m.batch_size,
+        "fp16_rounding": "torch" if _torch() is not None else "numpy",
         "decode_tok_s_mil": DECODE_TOKENS / t_ane, "decode_tok_s_torch": DECODE_TOKENS / t_hf,
         "decode_ratio": t_hf / t_ane, "prefill_tok_s_mil": prompt_len / p_ane, "prefill_tok_s_torch": prompt_len / p_hf,
         "prefill_ratio": p_hf / p_ane, "targets": TARGETS,
