@@ -20,10 +20,11 @@ class ContextOverflowError(ValueError):
     pass
 
 
-def causal_mask(context: int) -> np.ndarray:
-    """Additive fp16 (1, 1, C, C): 0 where key <= query, -inf elsewhere."""
-    mask = np.triu(np.full((context, context), -np.inf, dtype=np.float32), k=1)
-    return mask.astype(np.float16)[None, None]
+def causal_mask(context: int, first: int = 0, rows: int | None = None) -> np.ndarray:
+    """Additive fp16 (1, 1, rows, C) for the queries at positions first.. (all C by default): 0 where key <= query,
+    -inf elsewhere. Built per call: the whole C x C mask of a 4096-token context would hold 32 MB."""
+    queries = np.arange(first, first + (context if rows is None else rows))[:, None]
+    return np.where(np.arange(context) <= queries, np.float16(0), np.float16(-np.inf))[None, None]
 
 
 class ANEModel:
@@ -45,7 +46,6 @@ class ANEModel:
         self.context_length = self.geometry.context_length
         self.batch_size = self.geometry.batch_size
         self.num_chunks = len(b.chunks)
-        self._mask = causal_mask(self.context_length)
         self._hints = {"hidden_states": f"pad to the compiled batch {self.batch_size}",
                        "input_ids": f"input_ids are int32 of shape (1, 1) or (1, {self.batch_size})",
                        "causal_mask": f"the mask is fp16 (1, 1, rows, {self.context_length})",
@@ -113,7 +113,7 @@ class ANEModel:
         position = np.array([pos], dtype=np.int32)
         for i, (infer, _) in enumerate(self._chunks):
             inputs = {"hidden_states": hidden, "position_ids": position,
-                      "causal_mask": self._mask[:, :, pos:pos + 1, :], "current_pos": position}
+                      "causal_mask": causal_mask(self.context_length, pos, 1), "current_pos": position}
             hidden = self._call(infer, self.chunk_parts[i], "infer", inputs)["output_hidden_states"]
         self.token_evaluations += 1
         out = self._call(self._lm_head, self.parts["lm_head"], None, {"hidden_states": hidden})
@@ -124,7 +124,7 @@ class ANEModel:
         B = self.batch_size
         hidden = self._embed(np.array([rows], dtype=np.int32))
         inputs = {"position_ids": np.arange(batch_pos, batch_pos + B, dtype=np.int32),
-                  "causal_mask": self._mask[:, :, batch_pos:batch_pos + B, :],
+                  "causal_mask": causal_mask(self.context_length, batch_pos, B),
                   "current_pos": np.array([batch_pos], dtype=np.int32)}
         for i, (_, prefill) in enumerate(self._chunks):
             out = self._call(prefill, self.chunk_parts[i], "prefill", {"hidden_states": hidden, **inputs})

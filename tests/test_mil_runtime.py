@@ -359,7 +359,7 @@ def test_fused_attention_matches_the_unfused_ops(tmp_path, monkeypatch, softmax_
 
 def test_rotary_and_norm_fusions_are_bit_identical(demo_dir, monkeypatch):
     """The rotary and mirrored-norm rewrites change nothing, bit for bit, on both functions of a demo chunk; the
-    attention rewrite stays within fp16 rounding of the op-by-op program."""
+    attention rewrite (grouped-query heads included) stays within fp16 rounding of the op-by-op program."""
     from collections import Counter
 
     from ane_eval.mil import fuse, proto
@@ -389,8 +389,12 @@ def test_rotary_and_norm_fusions_are_bit_identical(demo_dir, monkeypatch):
     for function in calls:
         fn = proto.load(chunk, only=function).functions[function]
         monkeypatch.setattr(fuse, "PATTERNS", every)
-        fused = Counter(o.type for o in fuse.fuse(fn.block.operations, fn.block.outputs))
+        fused_ops = fuse.fuse(fn.block.operations, fn.block.outputs)
+        fused = Counter(o.type for o in fused_ops)
         assert [fused[t] for t in (fuse.FUSED_ROTARY, fuse.FUSED_MIRRORED_NORM, fuse.FUSED_ATTENTION)] == [4, 4, 2]
+        # grouped-query attention (4 query heads on 2 KV heads) reads the KV heads without repeating them
+        assert [o.attributes["groups"] for o in fused_ops if o.type == fuse.FUSED_ATTENTION] == [2, 2]
+        assert fused["tile"] == 0
         plain = run(function, ())
         np.testing.assert_array_equal(run(function, (fuse._rotary, fuse._mirrored_norm)), plain)
         np.testing.assert_allclose(run(function, every), plain, rtol=0, atol=np.abs(plain).max() * 2e-3)

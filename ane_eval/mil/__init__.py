@@ -72,13 +72,21 @@ def load(path, function_name: str | None = None, precision: str = "fp16") -> "MI
     return MILModel(path, function_name=function_name, precision=precision)
 
 
-class MILState:
-    """The state object of one model (CoreML's MLState): one buffer per declared state, zero-initialised."""
+def _storage(dtype: str, precision: str):
+    return np.float16 if dtype == "fp16" and precision == "fp16" else np.float32
 
-    def __init__(self, features: tuple, owner: str):
+
+class MILState:
+    """The state object of one model (CoreML's MLState): one buffer per declared state, zero-initialised.
+
+    In fp16 mode an fp16 state is stored as float16: it only ever holds fp16 values, so writes of rounded values are
+    exact, and a long KV cache takes half the memory. Kernels that compute convert their inputs to float32; kernels
+    that only select (slices, repeats) pass the float16 values on unchanged."""
+
+    def __init__(self, features: tuple, owner: str, precision: str = "fp16"):
         self.features = {f.name: f for f in features}
         self.owner = owner
-        self.buffers = {f.name: StateBuffer(np.zeros(f.shape, dtype=np.float32)) for f in features}
+        self.buffers = {f.name: StateBuffer(np.zeros(f.shape, dtype=_storage(f.dtype, precision))) for f in features}
 
     def read_state(self, name: str) -> np.ndarray:
         f = self.features[name]
@@ -133,7 +141,7 @@ class MILModel:
     def make_state(self) -> MILState:
         if not self.signature.states:
             raise InputError(f"{self._where()} declares no state; call predict without one")
-        return MILState(self.signature.states, str(self.path))
+        return MILState(self.signature.states, str(self.path), self.precision)
 
     def _where(self) -> str:
         return f"{self.path.name} function {self.function_name!r}"

@@ -99,7 +99,7 @@ class _Graph:
             return False
         for this, other in (("x", "y"), ("y", "x")):
             c = self.const(op, other)
-            if self.name(op, this) == x and c is not None and np.size(c) == 1 and float(np.asarray(c).reshape(-1)[0]) == -1:
+            if self.name(op, this) == x and c is not None and np.size(c) == 1 and float(np.ravel(c)[0]) == -1:
                 return True
         return False
 
@@ -178,12 +178,41 @@ def _attention(g: _Graph, out: ir.Op):
     if raw is None or g.flag(raw, "transpose_x") is not False or g.flag(raw, "transpose_y") is None:
         return None
     internal += [scores, scaled, raw]
+    key, value, groups = raw.inputs["y"], out.inputs["y"], 1
+    if g.flag(raw, "transpose_y"):  # grouped-query attention: read the KV heads without repeating them
+        k_repeat, v_repeat = _head_repeat(g, raw, "y"), _head_repeat(g, out, "y")
+        if k_repeat and v_repeat and k_repeat[1] == v_repeat[1]:
+            (key, groups, k_ops), (value, _, v_ops) = k_repeat, v_repeat
+            internal += k_ops + v_ops
     fused = ir.Op(type=FUSED_ATTENTION, outputs=list(out.outputs),
-                  inputs={"query": raw.inputs["x"], "key": raw.inputs["y"], "value": out.inputs["y"], "scale": scale,
-                          "mask": mask},
+                  inputs={"query": raw.inputs["x"], "key": key, "value": value, "scale": scale, "mask": mask},
                   attributes={"name": out.name, "transpose_key": g.flag(raw, "transpose_y"),
-                              "softmax_op": probs.type == "softmax"})
+                              "softmax_op": probs.type == "softmax", "groups": groups})
     return fused, internal
+
+
+def _head_repeat(g: _Graph, op: ir.Op, key: str):
+    """(bindings of x, r, the ops) when op's input `key` is reshape(tile(expand_dims(x, axes=[2]), reps (1,1,r,1,1)))
+    from x (B, KV, S, D) to (B, KV*r, S, D): each KV head repeated for r query heads, as a converted model writes
+    grouped-query attention."""
+    name = g.name(op, key)
+    reshape = g.producer.get(name) if name is not None else None
+    if reshape is None or reshape.type != "reshape" or g.uses.get(name) != 1:
+        return None
+    tile = g.source(reshape, "x", "tile", _dtype(reshape))
+    expand = g.source(tile, "x", "expand_dims", _dtype(reshape)) if tile is not None else None
+    if expand is None or len(expand.inputs.get("x", [])) != 1:
+        return None
+    x = g.producer.get(g.name(expand, "x") or "")
+    shapes = [o.outputs[0][1].shape if o is not None and isinstance(o.outputs[0][1], ir.TensorType) else None
+              for o in (x, expand, tile, reshape)]
+    if None in shapes or any(None in s for s in shapes) or len(shapes[0]) != 4:
+        return None
+    (b, kv, s, d), reps = shapes[0], _tuple(g.const(tile, "reps"))
+    r = shapes[2][2] if len(shapes[2]) == 5 else 0
+    if shapes[1] != (b, kv, 1, s, d) or reps != (1, 1, r, 1, 1) or shapes[3] != (b, kv * r, s, d) or r < 2:
+        return None
+    return expand.inputs["x"], r, [reshape, tile, expand]
 
 
 def _rotary(g: _Graph, out: ir.Op):

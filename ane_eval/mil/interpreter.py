@@ -1,4 +1,5 @@
-"""Executes one ir.Function: prepared once (constants read and folded, kernels bound), then run per call.
+"""Executes one ir.Function: prepared once (patterns fused, constants read and folded, identities aliased, the
+steps compiled to one straight-line Python function), then run per call.
 
 Numerics: every op computes in float32 and its output is rounded to the declared dtype; with precision "fp16"
 (the default, closest to CoreML) fp16 outputs are rounded to fp16 after every op, with "fp32" they are not.
@@ -31,6 +32,7 @@ STATE_OPS = {"read_state", "write_state", "coreml_update_state"}
 SMALL = 1024  # elements: below this numpy's fp16 cast pair is the fastest rounding (about 3 ns per element)
 SCALAR_ARGS = {"axis", "groups", "pad_type", "keep_dims", "transpose_x", "transpose_y", "interleave", "num_splits",
                "batch_dims", "validate_indices", "mode", "lower", "upper", "ascending", "k"}
+SEGMENT = 32  # steps per generated function (see Plan._compile)
 MULTI_OUTPUT_OPS = {"split", "topk"}  # kernels returning a tuple
 
 
@@ -58,12 +60,15 @@ class ConstStore:
                 self.owned[id(v)] = v
         return value
 
-    def blob(self, ref: ir.BlobRef) -> np.ndarray:
-        key = ("blob", str(ref.path), ref.offset)
+    def blob(self, ref: ir.BlobRef, stored: bool = False) -> np.ndarray:
+        """A stored constant in compute form, or with `stored` as the file holds it (fp16 tables that are only
+        gathered from: the gathered rows are converted, the table is not)."""
+        key = ("blob", str(ref.path), ref.offset, stored)
         if key not in self.values:
             if ref.path not in self.files:
                 self.files[ref.path] = BlobFile(ref.path)
-            self._keep(key, compute_form(self.files[ref.path].read(ref.offset, ref.type.dtype, ref.type.shape)))
+            value = self.files[ref.path].read(ref.offset, ref.type.dtype, ref.type.shape)
+            self._keep(key, value if stored else compute_form(value))
         return self.values[key]
 
     def fold(self, op_type, args: dict, compute):
@@ -156,6 +161,25 @@ def _small_static(t) -> bool:
     return bool(t.shape) and all(isinstance(d, int) for d in t.shape) and math.prod(t.shape) < SMALL
 
 
+def _widen(v) -> np.ndarray:
+    return v.astype(np.float32)
+
+
+def _gather_tables(operations: list[ir.Op]) -> set[str]:
+    """Stored fp16 constants read only as gather's table (embeddings, RoPE tables): kept in fp16, half the memory
+    of the compute form, since gathering rows and widening them is exact. fp16 mode only: fp32 mode widens
+    everything at load."""
+    stored = {o.outputs[0][0] for o in operations if o.type == "const"
+              and isinstance(o.attributes.get("val"), ir.BlobRef) and o.attributes["val"].type.dtype == "fp16"}
+    tables = set(stored)
+    for o in operations:
+        for key, bindings in o.inputs.items():
+            for a in bindings:
+                if a.name in stored and not (o.type == "gather" and key == "x"):
+                    tables.discard(a.name)
+    return tables
+
+
 def _coercer(t, round_fp16: bool):
     if not isinstance(t, ir.TensorType):
         return None
@@ -194,16 +218,18 @@ class Plan:
         self.types = {n: t.dtype for n, t in fn.inputs if isinstance(t, ir.TensorType)}
         for o in fn.block.operations:
             self.types.update({n: t.dtype for n, t in o.outputs if isinstance(t, ir.TensorType)})
+        operations = fuse(fn.block.operations, fn.block.outputs)
+        self.tables = _gather_tables(operations) if self.round_fp16 else set()
         with np.errstate(all="ignore"):  # constant folding runs kernels too (see run)
-            for o in fuse(fn.block.operations, fn.block.outputs):
+            for o in operations:
                 self._prepare(o, consts)
         # the block's outputs, aliases resolved: a _Var (computed or an input) or a constant
         self.results = {n: self.alias.get(n, self.known.get(n, _Var(n))) for n in self.outputs}
         self.result_names = {v.name for v in self.results.values() if isinstance(v, _Var)}
         self._plan_in_place()
         self._plan_frees()
-        self._compiled = self._compile()
-        del self.known, self.alias, self.types, self.steps  # planning only: the compiled function holds the rest
+        self._segments = self._compile()
+        del self.known, self.alias, self.types, self.steps, self.tables  # planning only: the code holds the rest
 
     @staticmethod
     def _check_supported(fn: ir.Function) -> None:
@@ -230,7 +256,8 @@ class Plan:
             args[key] = vals if key in VARIADIC or len(vals) > 1 else vals[0]
         if o.type == "const":
             v = o.attributes.get("val")
-            self.known[o.outputs[0][0]] = consts.blob(v) if isinstance(v, ir.BlobRef) else compute_form(v)
+            stored = o.outputs[0][0] in self.tables
+            self.known[o.outputs[0][0]] = consts.blob(v, stored) if isinstance(v, ir.BlobRef) else compute_form(v)
             return
         # attributes other than the op's name are extra constant arguments (rare outside `const`)
         for key, v in o.attributes.items():
@@ -243,6 +270,8 @@ class Plan:
             args["_round"] = round_to_fp16  # its intermediates are fp16 values too (fuse checks the dtypes)
         exact = o.type in VIEW_OPS or (o.type in SELECTING_OPS and self._same_dtype(o, args))
         coercers = [None if exact else _coercer(t, self.round_fp16) for _, t in o.outputs]
+        if o.type == "gather" and self._arg_name(o, "x") in self.tables:
+            coercers = [_widen]  # rows of an fp16 table: exact in float32
         coercers = [_round_small if c is round_to_fp16 and _small_static(t) else c
                     for c, (_, t) in zip(coercers, o.outputs)]
         if o.type == "mul" and self._negates(args) and self._same_dtype(o, args):
@@ -265,6 +294,11 @@ class Plan:
                 self.known[n] = r
             return
         self.steps.append(_Step(o.type, KERNELS[o.type], args, names, coercers))
+
+    @staticmethod
+    def _arg_name(o: ir.Op, key: str) -> str | None:
+        args = o.inputs.get(key, [])
+        return args[0].name if len(args) == 1 else None
 
     @staticmethod
     def _negates(args: dict) -> bool:
@@ -337,87 +371,108 @@ class Plan:
             if writer.type != "write_state" or writer.state_name() != state:
                 continue
             between = any(root.get(name) == state for i in range(j + 1, k) for name in self.steps[i].input_names())
-            s.in_place = not between
+            if not between:
+                s.args["_in_place"] = True
 
     def run(self, env: dict) -> dict:
-        """env: input name -> compute-form array, state name -> StateBuffer. Returns the block outputs."""
+        """env: input name -> compute-form array, state name -> StateBuffer (consumed). Returns the block
+        outputs."""
         with np.errstate(all="ignore"):  # fp16 emulation wants IEEE results (inf, nan), not warnings
             try:
-                return self._compiled(env)
+                for segment in self._segments:
+                    segment(env)
             except (OpError, ValueError, IndexError, TypeError) as e:
                 step = self._failed_step(e.__traceback__)
                 if step is None:
                     raise
                 detail = f": {e}" if isinstance(e, OpError) else f" failed: {e}"
                 raise ExecutionError(f"{self.name}: op {step[0]} ({step[1]}){detail}") from None
+        return {n: env[v.name] if isinstance(v, _Var) else v for n, v in self.results.items()}
 
-    def _compile(self):
-        """Straight-line Python for the steps: every value a local variable, every kernel, rounding function
-        and constant argument bound by name. A decode step of a converted transformer is hundreds of tiny ops;
-        an interpreter loop assembling argument dicts and an environment costs more than the ops themselves."""
-        names: dict[str, str] = {}
+    def _compile(self) -> list:
+        """Straight-line Python for the steps: every value a local variable, every kernel, rounding function and
+        constant argument bound by name. A decode step of a converted transformer is hundreds of tiny ops; an
+        interpreter loop assembling argument dicts and an environment costs more than the ops themselves.
+
+        The steps are cut into functions of SEGMENT steps that hand live values on through `env`: compiling
+        Python costs about 11 KB of transient memory per line, more than a small model's weights for one
+        function in one piece."""
         ns: dict = {"F16": np.float16, "F32": np.float32}
-
-        def local(name: str) -> str:
-            return names.setdefault(name, f"v{len(names)}")
 
         def bind(value, label: str) -> str:
             ns[label] = value
             return label
 
-        produced = {n for s in self.steps for n in s.names}
-        lines = ["def run(env):"]
-        for name in dict.fromkeys([n for s in self.steps for n in s.input_names()] + sorted(self.result_names)):
-            if name not in produced:
-                lines.append(f"    {local(name)} = env[{name!r}]")
-        self._line_step: dict[int, tuple] = {}  # line of the generated code -> (op type, first output)
+        segment_of = {n: j // SEGMENT for j, s in enumerate(self.steps) for n in s.names}
+        last_use: dict[str, float] = {n: math.inf for n in self.result_names}  # results are read after the end
         for j, s in enumerate(self.steps):
-            exprs = {}
-            for key, v in s.args.items():
-                if isinstance(v, _Var):
-                    exprs[key] = local(v.name)
-                elif isinstance(v, list):
-                    exprs[key] = "[" + ", ".join(local(x.name) if isinstance(x, _Var) else bind(x, f"c{j}_{key}_{i}")
-                                                 for i, x in enumerate(v)) + "]"
-                else:
-                    exprs[key] = bind(v, f"c{j}_{key}")
-            ufunc = getattr(s.kernel, "ufunc", None)
-            if ufunc is not None and exprs.keys() == {"x", "y"}:  # elementwise: numpy's ufunc, no wrapper
-                call = f"{bind(ufunc, f'k{j}')}({exprs['x']}, {exprs['y']})"
+            for n in s.input_names():
+                last_use[n] = max(last_use.get(n, -1), j)
+        self._line_step: dict[tuple, tuple] = {}  # (segment file, line) -> (op type, first output)
+        segments = []
+        for k in range(0, max(len(self.steps), 1), SEGMENT):
+            names: dict[str, str] = {}
+
+            def local(name: str) -> str:
+                return names.setdefault(name, f"v{len(names)}")
+
+            steps = self.steps[k:k + SEGMENT]
+            lines = ["def run(env):"]
+            for name in dict.fromkeys(n for s in steps for n in s.input_names()):  # values from before
+                if segment_of.get(name, -1) < k // SEGMENT:
+                    fetch = "pop" if last_use[name] < k + SEGMENT else "__getitem__"
+                    lines.append(f"    {local(name)} = env.{fetch}({name!r})")
+            filename = f"<mil {self.name} steps {k}..>"
+            for j, s in enumerate(steps, start=k):
+                self._line_step[(filename, len(lines) + 1)] = (s.type, s.names[0] if s.names else "-")
+                lines += self._step_lines(j, s, local, bind)
+                dead = [names[n] for n in s.free if n in names]
+                if dead:
+                    lines.append(f"    del {', '.join(dead)}")
+            for name in (n for s in steps for n in s.names):  # values for later segments, and the results
+                if last_use.get(name, -1) >= k + SEGMENT:
+                    lines.append(f"    env[{name!r}] = {local(name)}")
+            exec(compile("\n".join(lines), filename, "exec"), ns)
+            segments.append(ns.pop("run"))
+        return segments
+
+    @staticmethod
+    def _step_lines(j: int, s: "_Step", local, bind) -> list[str]:
+        exprs = {}
+        for key, v in s.args.items():
+            if isinstance(v, _Var):
+                exprs[key] = local(v.name)
+            elif isinstance(v, list):
+                exprs[key] = "[" + ", ".join(local(x.name) if isinstance(x, _Var) else bind(x, f"c{j}_{key}_{i}")
+                                             for i, x in enumerate(v)) + "]"
             else:
-                args = ", ".join(f"{k}={e}" if k.isidentifier() and not keyword.iskeyword(k) else f"**{{{k!r}: {e}}}"
-                                 for k, e in exprs.items())
-                call = f"{bind(s.kernel, f'k{j}')}({args})"
-            outs = [local(n) for n in s.names]
-            self._line_step[len(lines) + 1] = (s.type, s.names[0] if s.names else "-")
-            if len(outs) == 1 and s.type not in MULTI_OUTPUT_OPS:
-                lines.append(f"    {outs[0]} = {call}")
-            elif outs:
-                lines.append(f"    _r = {call}")
-                lines.append(f"    {', '.join(outs)}, = _r if isinstance(_r, tuple) else (_r,)")
-            else:
-                lines.append(f"    {call}")
-            for i, (out, c) in enumerate(zip(outs, s.coercers)):
-                if c is _round_small:
-                    lines.append(f"    {out} = {out}.astype(F16).astype(F32)")
-                elif c is not None:
-                    lines.append(f"    {out} = {bind(c, f'r{j}_{i}')}({out})")
-            dead = [names[n] for n in s.free if n in names]
-            if dead:
-                lines.append(f"    del {', '.join(dead)}")
-        result = ", ".join(f"{n!r}: {local(v.name) if isinstance(v, _Var) else bind(v, f'out_{i}')}"
-                           for i, (n, v) in enumerate(self.results.items()))
-        lines.append(f"    return {{{result}}}")
-        self._filename = f"<mil {self.name}>"
-        exec(compile("\n".join(lines), self._filename, "exec"), ns)
-        return ns["run"]
+                exprs[key] = bind(v, f"c{j}_{key}")
+        ufunc = getattr(s.kernel, "ufunc", None)
+        if ufunc is not None and exprs.keys() == {"x", "y"}:  # elementwise: numpy's ufunc, no wrapper
+            call = f"{bind(ufunc, f'k{j}')}({exprs['x']}, {exprs['y']})"
+        else:
+            args = ", ".join(f"{k}={e}" if k.isidentifier() and not keyword.iskeyword(k) else f"**{{{k!r}: {e}}}"
+                             for k, e in exprs.items())
+            call = f"{bind(s.kernel, f'k{j}')}({args})"
+        outs = [local(n) for n in s.names]
+        if len(outs) == 1 and s.type not in MULTI_OUTPUT_OPS:
+            lines = [f"    {outs[0]} = {call}"]
+        elif outs:
+            lines = [f"    _r = {call}", f"    {', '.join(outs)}, = _r if isinstance(_r, tuple) else (_r,)"]
+        else:
+            lines = [f"    {call}"]
+        for i, (out, c) in enumerate(zip(outs, s.coercers)):
+            if c is _round_small:
+                lines.append(f"    {out} = {out}.astype(F16).astype(F32)")
+            elif c is not None:
+                lines.append(f"    {out} = {bind(c, f'r{j}_{i}')}({out})")
+        return lines
 
     def _failed_step(self, tb):
-        """The step whose line raised, from the generated function's frame in the traceback."""
+        """The step whose line raised, from the generated functions' frames in the traceback."""
         step = None
         while tb is not None:
-            if tb.tb_frame.f_code.co_filename == self._filename:
-                step = self._line_step.get(tb.tb_lineno)
+            step = self._line_step.get((tb.tb_frame.f_code.co_filename, tb.tb_lineno), step)
             tb = tb.tb_next
         return step
 
@@ -439,17 +494,6 @@ class _Step:
     def __init__(self, type_, kernel, args, names, coercers):
         self.type, self.kernel, self.args, self.names, self.coercers = type_, kernel, args, names, coercers
         self.free: list[str] = []  # values whose last use is this step
-
-    @property
-    def in_place(self) -> bool:
-        return bool(self.args.get("_in_place"))
-
-    @in_place.setter
-    def in_place(self, value: bool) -> None:
-        if value:
-            self.args["_in_place"] = True
-        else:
-            self.args.pop("_in_place", None)
 
     def input_names(self):
         for v in self.args.values():

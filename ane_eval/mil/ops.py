@@ -86,6 +86,8 @@ _BINARY = {
     "less": np.less, "less_equal": np.less_equal, "logical_and": np.logical_and, "logical_or": np.logical_or,
     "logical_xor": np.logical_xor,
 }
+
+
 def _elementwise(ufunc):
     def kernel(x, y):
         return ufunc(x, y)
@@ -407,23 +409,31 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None):
 
 
 @op(FUSED_ATTENTION)
-def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax_op=False, _round=None):
-    """The attention pattern `fuse.fuse_attention` replaces, on the key slots some row can see: slots the mask
-    sets to -inf in every row add exactly 0. `_round` is the intermediates' rounding (the interpreter passes it in
-    fp16 mode), applied where the unfused ops' outputs were rounded."""
+def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax_op=False, groups=1, _round=None):
+    """The attention pattern `fuse` replaces, on the key slots some row can see: slots the mask sets to -inf in
+    every row add exactly 0. With `groups` > 1, key and value hold the KV heads, each serving `groups`
+    consecutive query heads. `_round` is the intermediates' rounding (the interpreter passes it in fp16 mode),
+    applied where the unfused ops' outputs were rounded."""
     r = _round or _same
-    q, k, v, m = f32(query), f32(key), f32(value), f32(mask)
-    keys_t = k.swapaxes(-1, -2) if transpose_key else k  # (..., head_dim, slots)
-    live = _live_slots(m, keys_t.shape[-1])
-    if live < keys_t.shape[-1]:
-        keys_t, v, m = keys_t[..., :live], v[..., :live, :], m[..., :live]
-    scores = r(r(r(np.matmul(q, keys_t)) * f32(scale)) + m)
+    q, m = f32(query), f32(mask)
+    slots = key.shape[-2] if transpose_key else key.shape[-1]
+    live = _live_slots(m, slots)
+    if live < slots:
+        key = key[..., :live, :] if transpose_key else key[..., :live]
+        value, m = value[..., :live, :], m[..., :live]
+    keys_t, value = f32(key).swapaxes(-1, -2) if transpose_key else f32(key), f32(value)  # (..., D, live)
+    b, h, t, _ = q.shape
+    if groups > 1:  # (B, KV, groups, T, D) against (B, KV, 1, D, S): per head the same products as repeated heads
+        q, keys_t, value = q.reshape(b, h // groups, groups, t, -1), keys_t[:, :, None], value[:, :, None]
+    scores = r(r(r(np.matmul(q, keys_t).reshape(b, h, t, -1)) * f32(scale)) + m)
     if softmax_op:
         probs = r(softmax(scores, -1))
     else:
         e = r(np.exp(r(scores - scores.max(-1, keepdims=True))))
         probs = r(e / r(e.sum(-1, keepdims=True)))
-    return np.matmul(probs, v)
+    if groups > 1:
+        probs = probs.reshape(b, h // groups, groups, t, -1)
+    return np.matmul(probs, value).reshape(b, h, t, -1)
 
 
 @op(FUSED_ROTARY)
