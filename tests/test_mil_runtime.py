@@ -280,27 +280,35 @@ def test_single_file_mlmodel_program(tmp_path):
     np.testing.assert_allclose(y, e / e.sum(-1, keepdims=True), rtol=1e-6)
 
 
-def test_op_failure_at_run_time_names_the_op(tmp_path):
+@pytest.mark.parametrize("segment", [1, None])
+def test_op_failure_at_run_time_names_the_op(tmp_path, monkeypatch, segment):
     """An op that fails while running (here a gather index past the table) is reported as one ExecutionError
-    naming the model, function, op type and output, by the compiled function's line -> op map."""
+    naming the model, function, op type and output, by the compiled code's line -> op map; with one step per
+    generated function too (values handed from function to function)."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
+
+    from ane_eval.mil import interpreter
+
+    if segment:
+        monkeypatch.setattr(interpreter, "SEGMENT", segment)
 
     @mb.program(input_specs=[mb.TensorSpec(shape=(2,), dtype=ct.converters.mil.mil.types.int32)],
                 opset_version=ct.target.iOS18)
     def prog(idx):
         table = mb.const(val=np.arange(8, dtype=np.float32).reshape(4, 2))  # small: stored inline
-        return mb.mul(x=mb.gather(x=table, indices=idx, axis=0, name="rows"), y=np.float32(2.0), name="y")
+        rows = mb.gather(x=table, indices=mb.add(x=idx, y=np.int32(1)), axis=0, name="rows")
+        return mb.mul(x=rows, y=np.float32(2.0), name="y")
 
     model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                        compute_precision=ct.precision.FLOAT32)
     path = tmp_path / "gather.mlmodel"
     path.write_bytes(model.get_spec().SerializeToString())
     m = mil.load(path)
-    np.testing.assert_array_equal(m.predict({"idx": np.array([3, 0], np.int32)})["y"], [[12, 14], [0, 2]])
+    np.testing.assert_array_equal(m.predict({"idx": np.array([2, -1], np.int32)})["y"], [[12, 14], [0, 2]])
     with pytest.raises(mil.ExecutionError, match=r"gather\.mlmodel:main: op gather \(rows\): gather: index 7 out of "
                                                  r"bounds for an axis of size 4"):
-        m.predict({"idx": np.array([1, 7], np.int32)})
+        m.predict({"idx": np.array([0, 6], np.int32)})
 
 
 def _attention_program(tmp_path, softmax_op: bool, transpose_key: bool):
@@ -398,3 +406,27 @@ def test_rotary_and_norm_fusions_are_bit_identical(demo_dir, monkeypatch):
         plain = run(function, ())
         np.testing.assert_array_equal(run(function, (fuse._rotary, fuse._mirrored_norm)), plain)
         np.testing.assert_allclose(run(function, every), plain, rtol=0, atol=np.abs(plain).max() * 2e-3)
+
+
+def test_fp16_storage_changes_nothing(demo_dir, monkeypatch):
+    """fp16 mode keeps the KV state and the tables only gathered from (embeddings, RoPE) in fp16, half the memory
+    of float32 storage, with bit-identical logits."""
+    from ane_eval.mil import interpreter
+
+    emb = mil.load(next(demo_dir.glob("*_embeddings.mlpackage")))
+    table = [v for v in emb._package.consts.values.values() if getattr(v, "shape", None) == (1024, 128)]
+    assert [t.dtype for t in table] == [np.float16]
+    chunk = next(demo_dir.glob("*_chunk_01of02.mlpackage"))
+    assert mil.load(chunk, "infer").make_state().buffers["model_model_kv_cache_0"].value.dtype == np.float16
+    assert mil.load(chunk, "infer", precision="fp32").make_state().buffers["model_model_kv_cache_0"].value.dtype \
+        == np.float32
+
+    def logits():
+        m = ane_eval.load_model(demo_dir, backend="mil", precision="fp16")
+        m.prefill(list(range(5, 45)))
+        return np.stack([m.infer(t, p) for p, t in zip(range(40, 48), range(50, 58))])
+
+    compact = logits()
+    monkeypatch.setattr(interpreter, "_gather_tables", lambda operations: set())
+    monkeypatch.setattr(mil, "_storage", lambda dtype, precision: np.float32)
+    np.testing.assert_array_equal(logits(), compact)

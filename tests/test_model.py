@@ -290,3 +290,14 @@ def test_coreml_backend_with_fake_predictor(monkeypatch):
     FakeCoreMLModel.busy_failures = 0
     with pytest.raises(ValueError, match="compute units 'GPU_ONLY' unknown"):
         coreml.CoreMLBackend(compute_units="GPU_ONLY")
+
+
+def test_causal_mask_rows():
+    """The rows built for a batch are those rows of the full (C, C) mask: 0 up to the query's position, then -inf."""
+    from ane_eval.model import causal_mask
+
+    full = causal_mask(16)
+    assert full.shape == (1, 1, 16, 16) and full.dtype == np.float16
+    np.testing.assert_array_equal(full[0, 0], np.triu(np.full((16, 16), -np.inf, np.float16), k=1))
+    np.testing.assert_array_equal(causal_mask(16, 4, 8), full[:, :, 4:12])
+    np.testing.assert_array_equal(causal_mask(16, 15, 1), np.zeros((1, 1, 1, 16), np.float16))
