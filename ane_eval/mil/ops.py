@@ -341,11 +341,10 @@ def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilatio
     if _pointwise(w.shape, tuple(ints(strides or ())), int(groups), str(pad_type)):
         # 1x1 conv (every linear layer of an ANEMLL model): one matmul over the flattened spatial positions
         n, cin = x.shape[:2]
-        w2 = w.reshape(w.shape[0], cin)
         if n == 1:  # a plain 2-D GEMM: numpy's batched matmul path is several times slower for one batch
-            out = (w2 @ x.reshape(cin, -1)).reshape((1, w.shape[0]) + x.shape[2:])
+            out = (w.reshape(-1, cin) @ x.reshape(cin, -1)).reshape((1, -1) + x.shape[2:])
         else:
-            out = np.matmul(w2, x.reshape(n, cin, -1)).reshape((n, w.shape[0]) + x.shape[2:])
+            out = np.matmul(w.reshape(-1, cin), x.reshape(n, cin, -1)).reshape((n, -1) + x.shape[2:])
     else:
         k = w.shape[2:]
         strides = ints(strides) if strides is not None else [1] * n_spatial

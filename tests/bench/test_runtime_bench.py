@@ -120,7 +120,7 @@ def peak_memory_ratio(model_dir, params: int, prompt_len: int) -> float:
 
 
 def test_demo_runtime_vs_torch(benchmark, demo_dir):
-    info = compare(benchmark, "demo", demo.checkpoint_dir(), demo_dir, prompt_len=128, rounds=3)
+    info = compare(benchmark, "demo", demo.checkpoint_dir(), demo_dir, prompt_len=128, rounds=10)
     params = sum(p.numel() for p in hf_model(demo.checkpoint_dir()).parameters())
     benchmark.extra_info["peak_memory_ratio"] = peak_memory_ratio(demo_dir, params, 128)
     print(f"demo peak memory / fp32 weights: {benchmark.extra_info['peak_memory_ratio']:.2f}")
