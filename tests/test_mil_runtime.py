@@ -408,12 +408,13 @@ def test_rotary_and_norm_fusions_are_bit_identical(demo_dir, monkeypatch):
         np.testing.assert_allclose(run(function, every), plain, rtol=0, atol=np.abs(plain).max() * 2e-3)
 
 
-def test_fp16_storage_changes_nothing(demo_dir, monkeypatch):
+def test_fp16_storage_changes_nothing(demo_dir, monkeypatch, tmp_path):
     """fp16 mode keeps the KV state and the tables only gathered from (embeddings, RoPE) in fp16, half the memory
     of float32 storage, with bit-identical logits."""
     from ane_eval.mil import interpreter
 
-    emb = mil.load(next(demo_dir.glob("*_embeddings.mlpackage")))
+    package = shutil.copytree(next(demo_dir.glob("*_embeddings.mlpackage")), tmp_path / "emb.mlpackage")
+    emb = mil.load(package)  # a package no other test has loaded (loaded packages share their weights)
     table = [v for v in emb._package.consts.values.values() if getattr(v, "shape", None) == (1024, 128)]
     assert [t.dtype for t in table] == [np.float16]
     chunk = next(demo_dir.glob("*_chunk_01of02.mlpackage"))
