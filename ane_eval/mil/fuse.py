@@ -5,7 +5,8 @@ prefill attends over every KV-cache slot. Three patterns (as ANEMLL and our buil
 
 - masked attention: matmul(q, k^T) * scale + mask -> softmax (the op, or exp/reduce_max/reduce_sum/real_div) ->
   matmul(probs, v). The fused op computes only the key slots some row can see: slots the mask sets to -inf in
-  every row contribute exactly 0. Results equal the unfused ops up to float32 summation order.
+  every row contribute exactly 0. Results equal the unfused ops up to float32 summation order. Grouped-query
+  attention's head repeat (reshape(tile(expand_dims(kv)))) joins the pattern: KV heads are read, not copied.
 - rotary embedding: x * cos + concat(-x[..., h:], x[..., :h]) * sin. Bit-identical.
 - mirrored layer norm (ANEMLL's RMSNorm): slice(layer_norm(concat(x, -x)), first half). Bit-identical.
 
@@ -128,6 +129,11 @@ def _dtype(op: ir.Op) -> str | None:
     return t.dtype if isinstance(t, ir.TensorType) else None
 
 
+def _shape(op: ir.Op | None) -> tuple | None:
+    t = op.outputs[0][1] if op is not None and op.outputs else None
+    return tuple(t.shape) if isinstance(t, ir.TensorType) and None not in t.shape else None
+
+
 def _tuple(v):
     return None if v is None else tuple(np.asarray(v).reshape(-1).tolist())
 
@@ -179,7 +185,10 @@ def _attention(g: _Graph, out: ir.Op):
         return None
     internal += [scores, scaled, raw]
     key, value, groups = raw.inputs["y"], out.inputs["y"], 1
-    if g.flag(raw, "transpose_y"):  # grouped-query attention: read the KV heads without repeating them
+    query, keys = g.producer.get(g.name(raw, "x") or ""), g.producer.get(g.name(raw, "y") or "")
+    q_shape, k_shape = _shape(query), _shape(keys)
+    if g.flag(raw, "transpose_y") and q_shape and k_shape and len(q_shape) == 4 and q_shape[:2] == k_shape[:2]:
+        # grouped-query attention: read the KV heads without repeating them
         k_repeat, v_repeat = _head_repeat(g, raw, "y"), _head_repeat(g, out, "y")
         if k_repeat and v_repeat and k_repeat[1] == v_repeat[1]:
             (key, groups, k_ops), (value, _, v_ops) = k_repeat, v_repeat
@@ -203,10 +212,8 @@ def _head_repeat(g: _Graph, op: ir.Op, key: str):
     expand = g.source(tile, "x", "expand_dims", _dtype(reshape)) if tile is not None else None
     if expand is None or len(expand.inputs.get("x", [])) != 1:
         return None
-    x = g.producer.get(g.name(expand, "x") or "")
-    shapes = [o.outputs[0][1].shape if o is not None and isinstance(o.outputs[0][1], ir.TensorType) else None
-              for o in (x, expand, tile, reshape)]
-    if None in shapes or any(None in s for s in shapes) or len(shapes[0]) != 4:
+    shapes = [_shape(o) for o in (g.producer.get(g.name(expand, "x") or ""), expand, tile, reshape)]
+    if None in shapes or len(shapes[0]) != 4:
         return None
     (b, kv, s, d), reps = shapes[0], _tuple(g.const(tile, "reps"))
     r = shapes[2][2] if len(shapes[2]) == 5 else 0

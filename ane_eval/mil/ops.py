@@ -420,19 +420,23 @@ def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax
     if live < slots:
         key = key[..., :live, :] if transpose_key else key[..., :live]
         value, m = value[..., :live, :], m[..., :live]
-    keys_t, value = f32(key).swapaxes(-1, -2) if transpose_key else f32(key), f32(value)  # (..., D, live)
-    b, h, t, _ = q.shape
+    keys_t = f32(key).swapaxes(-1, -2) if transpose_key else f32(key)  # (..., D, live slots)
+    value = f32(value)
     if groups > 1:  # (B, KV, groups, T, D) against (B, KV, 1, D, S): per head the same products as repeated heads
+        b, h, t, _ = q.shape
         q, keys_t, value = q.reshape(b, h // groups, groups, t, -1), keys_t[:, :, None], value[:, :, None]
-    scores = r(r(r(np.matmul(q, keys_t).reshape(b, h, t, -1)) * f32(scale)) + m)
+    scores = np.matmul(q, keys_t)
+    if groups > 1:
+        scores = scores.reshape(b, h, t, -1)
+    scores = r(r(r(scores) * f32(scale)) + m)
     if softmax_op:
         probs = r(softmax(scores, -1))
     else:
         e = r(np.exp(r(scores - scores.max(-1, keepdims=True))))
         probs = r(e / r(e.sum(-1, keepdims=True)))
-    if groups > 1:
-        probs = probs.reshape(b, h // groups, groups, t, -1)
-    return np.matmul(probs, value).reshape(b, h, t, -1)
+    if groups == 1:
+        return np.matmul(probs, value)
+    return np.matmul(probs.reshape(b, h // groups, groups, t, -1), value).reshape(b, h, t, -1)
 
 
 @op(FUSED_ROTARY)
