@@ -257,10 +257,10 @@ def test_every_contract_op_has_a_kernel():
 
 @pytest.mark.parametrize("impl", ["round_to_fp16", "round_fp16_numpy"])
 def test_fast_fp16_rounding_is_bit_exact(impl):
-    from ane_eval.mil import interpreter
+    from ane_eval.mil import fp16
 
-    round_to_fp16 = getattr(interpreter, impl)
-    assert interpreter._torch() is not None  # installed with transformers: round_to_fp16 takes the torch path
+    round_to_fp16 = getattr(fp16, impl)
+    assert fp16._torch() is not None  # installed with transformers: round_to_fp16 takes the torch path
     gen = np.random.default_rng(1)
     x = np.concatenate([
         (gen.standard_normal(200_000) * 10.0 ** gen.integers(-12, 7, 200_000)).astype(np.float32),
@@ -273,3 +273,15 @@ def test_fast_fp16_rounding_is_bit_exact(impl):
         got = round_to_fp16(x.reshape(-1, 7) if x.size % 7 == 0 else x)
     np.testing.assert_array_equal(got.reshape(-1).view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
     assert np.isnan(got.reshape(-1)[np.isnan(ref)]).all()
+
+
+def test_fp16_widening_is_exact():
+    """Every fp16 bit pattern widens to the float32 numpy's cast gives (the fast path and the small one)."""
+    from ane_eval.mil.fp16 import widen
+
+    every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    for x in (every, every[:100], every.reshape(256, 256)[:, ::2]):  # large, small, non-contiguous
+        got, ref = widen(x), x.astype(np.float32)
+        assert got.dtype == np.float32 and got.shape == x.shape
+        np.testing.assert_array_equal(got.view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
+        assert np.isnan(got[np.isnan(ref)]).all()

@@ -23,6 +23,7 @@ import numpy as np
 
 from . import ir, proto
 from .blob import BlobError
+from .fp16 import widen
 from .interpreter import ConstStore, ExecutionError, Plan, UnsupportedOpsError
 from .ops import KERNELS, StateBuffer
 from .proto import ModelFormatError
@@ -188,7 +189,7 @@ class MILModel:
             if not f.accepts(value.shape):
                 raise InputError(f"{self._where()}: input {name!r} expects {f.expected()}, got {value.shape} "
                                  f"{value.dtype}")
-            env[name] = value.astype(np.float32) if value.dtype.kind == "f" else value
+            env[name] = widen(value) if value.dtype.kind == "f" else value
         if self.signature.states:
             if not isinstance(state, MILState):
                 raise InputError(f"{self._where()} declares state(s) {[s.name for s in self.signature.states]}: "

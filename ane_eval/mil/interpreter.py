@@ -10,7 +10,6 @@ state is read afterwards, slice_update writes into the state buffer in place; ot
 """
 from __future__ import annotations
 
-import functools
 import keyword
 import math
 from collections import Counter
@@ -19,6 +18,7 @@ import numpy as np
 
 from . import ir
 from .blob import BlobFile
+from .fp16 import SMALL, round_to_fp16, widen
 from .fuse import FUSED_OPS, fuse
 from .ops import CONSTEXPR, KERNELS, VIEW_OPS, OpError
 
@@ -29,7 +29,6 @@ SHAPE_ARGS = {"axes", "perm", "shape", "reps", "begin", "end", "stride", "begin_
 SELECTING_OPS = {"slice_by_index", "slice_by_size", "concat", "stack", "split", "gather", "gather_along_axis", "tile",
                  "select", "reduce_max", "reduce_min", "maximum", "minimum", "relu", "abs", "band_part"}
 STATE_OPS = {"read_state", "write_state", "coreml_update_state"}
-SMALL = 1024  # elements: below this numpy's fp16 cast pair is the fastest rounding (about 3 ns per element)
 SCALAR_ARGS = {"axis", "groups", "pad_type", "keep_dims", "transpose_x", "transpose_y", "interleave", "num_splits",
                "batch_dims", "validate_indices", "mode", "lower", "upper", "ascending", "k"}
 SEGMENT = 32  # steps per generated function (see Plan._compile)
@@ -93,65 +92,6 @@ def compute_form(value):
     return value
 
 
-def round_to_fp16(v) -> np.ndarray:
-    """float32 values rounded to the nearest fp16 value (ties to even), kept as float32; bit-exact with
-    `v.astype(float16).astype(float32)`. This runs after every op in fp16 mode, so speed matters: numpy's own
-    fp16 cast is scalar code (about 3 ns per element here); torch's uses the CPU's conversion instructions (about
-    0.1 ns), and torch is installed wherever lm-eval and transformers are. Without torch, `round_fp16_numpy`.
-    Callers run it under np.errstate(all="ignore"), as the interpreter does: overflow to inf is the point."""
-    x = np.asarray(v, dtype=np.float32)
-    if x.size < SMALL:  # below this numpy's cast pair costs fewer calls than it saves
-        return x.astype(np.float16).astype(np.float32)
-    torch = _torch()
-    if torch is None or not (x.flags.c_contiguous and x.flags.writeable):
-        return round_fp16_numpy(x)
-    # one thread: torch's OpenMP workers spin after a parallel region and starve numpy's BLAS threads (a prefill
-    # ran 8x slower); the conversion is memory-bound anyway
-    threads = torch.get_num_threads()
-    if threads != 1:
-        torch.set_num_threads(1)
-    try:
-        return torch.from_numpy(x).half().float().numpy()
-    finally:
-        if threads != 1:
-            torch.set_num_threads(threads)
-
-
-@functools.cache
-def _torch():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
-
-
-def round_fp16_numpy(x: np.ndarray) -> np.ndarray:
-    """round_to_fp16 in numpy alone, 1.5-5x faster than its cast pair (worst on softmax's tiny values):
-    - normals, zeros, infinities: round the float32 mantissa to fp16's 10 bits with integer arithmetic;
-    - fp16 subnormals (|x| < 2**-14, spacing 2**-24): x + 0.75 lands in [0.5, 1), where float32 spacing is
-      2**-24, so the addition itself rounds (ties to even) and subtracting 0.75 is exact;
-    - overflow past 65504 and NaN (rare): numpy's cast."""
-    u = x.view(np.uint32)
-    r = u >> np.uint32(13)
-    r &= np.uint32(1)
-    r += np.uint32(0x0FFF)
-    r += u
-    r &= np.uint32(0xFFFFE000)
-    out = r.view(np.float32).reshape(x.shape)
-    mag = u & np.uint32(0x7FFFFFFF)
-    tiny = (mag - np.uint32(1)) < np.uint32(0x387FFFFF)
-    if tiny.any():
-        sub = x + np.float32(0.75)
-        sub -= np.float32(0.75)
-        np.copysign(sub, x, out=sub)  # a negative value rounding to zero gives -0, as in fp16
-        np.copyto(out, sub, where=tiny.reshape(x.shape))
-    rare = np.flatnonzero((mag >= np.uint32(0x477FF000)) & (mag != np.uint32(0x7F800000)))
-    if rare.size:
-        out.reshape(-1)[rare] = x.reshape(-1)[rare].astype(np.float16).astype(np.float32)
-    return out
-
-
 def _round_small(v) -> np.ndarray:
     """round_to_fp16 for outputs declared small (the compiled function inlines this cast pair)."""
     return v.astype(np.float16).astype(np.float32)
@@ -159,10 +99,6 @@ def _round_small(v) -> np.ndarray:
 
 def _small_static(t) -> bool:
     return bool(t.shape) and all(isinstance(d, int) for d in t.shape) and math.prod(t.shape) < SMALL
-
-
-def _widen(v) -> np.ndarray:
-    return v.astype(np.float32)
 
 
 def _gather_tables(operations: list[ir.Op]) -> set[str]:
@@ -271,7 +207,7 @@ class Plan:
         exact = o.type in VIEW_OPS or (o.type in SELECTING_OPS and self._same_dtype(o, args))
         coercers = [None if exact else _coercer(t, self.round_fp16) for _, t in o.outputs]
         if o.type == "gather" and self._arg_name(o, "x") in self.tables:
-            coercers = [_widen]  # rows of an fp16 table: exact in float32
+            coercers = [widen]  # rows of an fp16 table: exact in float32
         coercers = [_round_small if c is round_to_fp16 and _small_static(t) else c
                     for c, (_, t) in zip(coercers, o.outputs)]
         if o.type == "mul" and self._negates(args) and self._same_dtype(o, args):

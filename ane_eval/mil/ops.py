@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from .fp16 import widen
 from .fuse import FUSED_ATTENTION, FUSED_MIRRORED_NORM, FUSED_ROTARY
 
 KERNELS: dict = {}
@@ -420,8 +421,8 @@ def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax
     if live < slots:
         key = key[..., :live, :] if transpose_key else key[..., :live]
         value, m = value[..., :live, :], m[..., :live]
-    keys_t = f32(key).swapaxes(-1, -2) if transpose_key else f32(key)  # (..., D, live slots)
-    value = f32(value)
+    keys_t = widen(key).swapaxes(-1, -2) if transpose_key else widen(key)  # (..., D, live slots)
+    value = widen(value)  # keys and values are usually slices of the fp16 KV state
     if groups > 1:  # (B, KV, groups, T, D) against (B, KV, 1, D, S): per head the same products as repeated heads
         b, h, t, _ = q.shape
         q, keys_t, value = q.reshape(b, h // groups, groups, t, -1), keys_t[:, :, None], value[:, :, None]
@@ -466,8 +467,8 @@ def _live_slots(mask: np.ndarray, slots: int) -> int:
     """1 + the last key slot the mask leaves visible to some row (all slots when the mask broadcasts over them)."""
     if mask.ndim == 0 or mask.shape[-1] != slots:
         return slots
-    rows = mask.reshape(-1, slots) != -np.inf  # NaN counts as visible: it reaches the output either way
-    visible = np.flatnonzero(rows.any(axis=0) if rows.shape[0] > 1 else rows[0])
+    # NaN counts as visible (it reaches the output either way): only == -inf hides a slot
+    visible = np.flatnonzero(mask.reshape(-1, slots).max(axis=0) != -np.inf)
     return int(visible[-1]) + 1 if visible.size else slots
 
 

@@ -92,7 +92,7 @@ def compare(benchmark, name, checkpoint, model_dir, prompt_len, rounds):
     t_ane = best_of(ane_decode(m, decode_prompt, DECODE_TOKENS), rounds) - best_of(ane_decode(m, decode_prompt, 0), rounds)
     p_hf = best_of(hf_prefill(hf, prompt), rounds)
     p_ane = best_of(ane_prefill(m, prompt), rounds)
-    from ane_eval.mil.interpreter import _torch
+    from ane_eval.mil.fp16 import _torch
 
     info = {
         "model": name, "backend": "mil", "precision": "fp16", "context": m.context_length, "batch": m.batch_size,
