@@ -111,9 +111,9 @@ class ANEModel:
         self._history = self._history[:pos] + [int(token_id)]
         hidden = self._embed(np.array([[token_id]], dtype=np.int32))
         position = np.array([pos], dtype=np.int32)
+        mask = causal_mask(self.context_length, pos, 1)
         for i, (infer, _) in enumerate(self._chunks):
-            inputs = {"hidden_states": hidden, "position_ids": position,
-                      "causal_mask": causal_mask(self.context_length, pos, 1), "current_pos": position}
+            inputs = {"hidden_states": hidden, "position_ids": position, "causal_mask": mask, "current_pos": position}
             hidden = self._call(infer, self.chunk_parts[i], "infer", inputs)["output_hidden_states"]
         self.token_evaluations += 1
         out = self._call(self._lm_head, self.parts["lm_head"], None, {"hidden_states": hidden})

@@ -117,6 +117,9 @@ class MILModel:
             fn = package.function(self.function_name)
             self.signature: ir.Signature = package.description.get(self.function_name) or _from_ir(fn)
             self._plan = Plan(fn, precision, package.consts, model_name=self.path.name)
+        # fp32 mode skips every fp16 rounding, the outputs' included
+        self._output_dtypes = [(f.name, np.float32 if precision == "fp32" and f.dtype == "fp16"
+                                else ir.NUMPY_DTYPES.get(f.dtype, np.float32)) for f in self.signature.outputs]
 
     # --- descriptions ----------------------------------------------------------------------------------------
     @property
@@ -151,15 +154,12 @@ class MILModel:
         env = self._validate(inputs, state)
         out = self._plan.run(env)
         result = {}
-        for f in self.signature.outputs:
-            value = out.get(f.name)
-            if value is None:
-                raise ExecutionError(f"{self._where()}: output {f.name!r} was not produced")
-            dtype = ir.NUMPY_DTYPES.get(f.dtype, np.float32)
-            if self.precision == "fp32" and dtype == np.float16:
-                dtype = np.float32  # fp32 mode skips every fp16 rounding, the outputs' included
-            with np.errstate(over="ignore"):
-                result[f.name] = np.array(value, dtype=dtype)  # a copy: never hand out a state buffer
+        with np.errstate(over="ignore"):
+            for name, dtype in self._output_dtypes:
+                value = out.get(name)
+                if value is None:
+                    raise ExecutionError(f"{self._where()}: output {name!r} was not produced")
+                result[name] = np.array(value, dtype=dtype)  # a copy: never hand out a state buffer
         return result
 
     def _validate(self, inputs: dict, state) -> dict:
