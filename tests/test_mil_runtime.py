@@ -431,3 +431,17 @@ def test_fp16_storage_changes_nothing(demo_dir, monkeypatch, tmp_path):
     monkeypatch.setattr(interpreter, "_gather_tables", lambda operations: set())
     monkeypatch.setattr(mil, "_storage", lambda dtype, precision: np.float32)
     np.testing.assert_array_equal(logits(), compact)
+
+
+def test_without_torch_the_numbers_are_the_same(demo_dir, monkeypatch):
+    """fp16 conversions go through torch when it loads and through numpy otherwise: the same bits either way."""
+    from ane_eval.mil import fp16
+
+    def logits():
+        m = ane_eval.load_model(demo_dir, backend="mil", precision="fp16")
+        m.prefill(list(range(5, 45)))
+        return np.stack([m.infer(t, p) for p, t in zip(range(40, 44), range(50, 54))])
+
+    with_torch = logits()
+    monkeypatch.setattr(fp16, "_torch", lambda: None)
+    np.testing.assert_array_equal(logits(), with_torch)

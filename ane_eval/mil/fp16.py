@@ -63,7 +63,7 @@ def _one_thread(torch):
 def _torch():
     try:
         import torch
-    except ImportError:
+    except (ImportError, OSError):  # not installed, or a build whose libraries do not load: numpy does the work
         return None
     return torch
 
