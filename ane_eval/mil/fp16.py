@@ -7,7 +7,6 @@ Callers run these under np.errstate(all="ignore"), as the interpreter does: over
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import numpy as np
@@ -25,10 +24,7 @@ def round_to_fp16(v) -> np.ndarray:
     torch = _torch()
     if torch is None or not (x.flags.c_contiguous and x.flags.writeable):
         return round_fp16_numpy(x)
-    if x.size < SERIAL:
-        return torch.from_numpy(x).half().float().numpy()
-    with _one_thread(torch):
-        return torch.from_numpy(x).half().float().numpy()
+    return _in_torch(torch, x, rounding=True)
 
 
 def widen(v) -> np.ndarray:
@@ -38,22 +34,19 @@ def widen(v) -> np.ndarray:
     torch = _torch()
     if torch is None:
         return v.astype(np.float32)
-    v = np.ascontiguousarray(v)
-    if v.size < SERIAL:
-        return torch.from_numpy(v).float().numpy()
-    with _one_thread(torch):
-        return torch.from_numpy(v).float().numpy()
+    return _in_torch(torch, np.ascontiguousarray(v), rounding=False)
 
 
-@contextlib.contextmanager
-def _one_thread(torch):
-    """torch's OpenMP workers spin after a parallel region and starve numpy's BLAS threads (a prefill ran 8x
-    slower); conversions are memory-bound anyway."""
-    threads = torch.get_num_threads()
+def _in_torch(torch, x: np.ndarray, rounding: bool) -> np.ndarray:
+    """x (C-contiguous) rounded through fp16, or widened from fp16, by torch. Arrays large enough for torch to
+    convert in parallel are converted on one thread: its OpenMP workers spin after a parallel region and starve
+    numpy's BLAS threads (a prefill ran 8x slower), and conversions are memory-bound anyway."""
+    threads = torch.get_num_threads() if x.size >= SERIAL else 1
     if threads != 1:
         torch.set_num_threads(1)
     try:
-        yield
+        t = torch.from_numpy(x)
+        return (t.half().float() if rounding else t.float()).numpy()
     finally:
         if threads != 1:
             torch.set_num_threads(threads)

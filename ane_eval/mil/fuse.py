@@ -59,16 +59,11 @@ class _Graph:
     def source(self, op: ir.Op, key: str, want: str, dtype: str, uses: int = 1) -> ir.Op | None:
         """The op of type `want` whose output feeds `op`'s input `key`, when that output has `dtype` and is read
         exactly `uses` times (all inside the pattern)."""
-        name = self.name(op, key)
+        name = op.input_name(key)
         src = self.producer.get(name) if name is not None else None
         if src is None or src.type != want or self.uses.get(name) != uses or _dtype(src) != dtype:
             return None
         return src
-
-    @staticmethod
-    def name(op: ir.Op, key: str) -> str | None:
-        args = op.inputs.get(key, [])
-        return args[0].name if len(args) == 1 else None
 
     def const(self, op: ir.Op, key: str):
         """The constant bound to an input, or None (absent, or computed at run time)."""
@@ -100,13 +95,13 @@ class _Graph:
             return False
         for this, other in (("x", "y"), ("y", "x")):
             c = self.const(op, other)
-            if self.name(op, this) == x and c is not None and np.size(c) == 1 and float(np.ravel(c)[0]) == -1:
+            if op.input_name(this) == x and c is not None and np.size(c) == 1 and float(np.ravel(c)[0]) == -1:
                 return True
         return False
 
     def half_slice(self, op: ir.Op | None, x: str, first: bool) -> bool:
         """op is slice_by_index(x) taking the first (or second) half of the last axis and all of the others."""
-        if op is None or op.type != "slice_by_index" or self.name(op, "x") != x:
+        if op is None or op.type != "slice_by_index" or op.input_name("x") != x:
             return False
         t = self.producer[x].outputs[0][1] if x in self.producer else None
         args = {k: self.const(op, k) for k in ("begin", "end", "stride", "begin_mask", "end_mask", "squeeze_mask")}
@@ -152,7 +147,7 @@ def _attention(g: _Graph, out: ir.Op):
     if out.type != "matmul" or g.flag(out, "transpose_x") is not False or g.flag(out, "transpose_y") is not False:
         return None
     dtype = _dtype(out)
-    probs = g.producer.get(g.name(out, "x"))
+    probs = g.producer.get(out.input_name("x"))
     if probs is None:
         return None
     internal = []
@@ -165,14 +160,14 @@ def _attention(g: _Graph, out: ir.Op):
         e = g.source(probs, "x", "exp", dtype, uses=2)
         z = g.source(probs, "y", "reduce_sum", dtype)
         if g.source(out, "x", "real_div", dtype) is None or e is None or z is None \
-                or g.name(z, "x") != e.outputs[0][0] or not g.last_axis(z, "axes"):
+                or z.input_name("x") != e.outputs[0][0] or not g.last_axis(z, "axes"):
             return None
         d = g.source(e, "x", "sub", dtype)
         m = g.source(d, "y", "reduce_max", dtype) if d is not None else None
         if m is None or not g.last_axis(m, "axes"):
             return None
         scores = g.source(d, "x", "add", dtype, uses=2)
-        if scores is None or g.name(m, "x") != scores.outputs[0][0]:
+        if scores is None or m.input_name("x") != scores.outputs[0][0]:
             return None
         internal += [probs, e, z, d, m]
     else:
@@ -185,7 +180,7 @@ def _attention(g: _Graph, out: ir.Op):
         return None
     internal += [scores, scaled, raw]
     key, value, groups = raw.inputs["y"], out.inputs["y"], 1
-    query, keys = g.producer.get(g.name(raw, "x") or ""), g.producer.get(g.name(raw, "y") or "")
+    query, keys = g.producer.get(raw.input_name("x") or ""), g.producer.get(raw.input_name("y") or "")
     q_shape, k_shape = _shape(query), _shape(keys)
     if g.flag(raw, "transpose_y") and q_shape and k_shape and len(q_shape) == 4 and q_shape[:2] == k_shape[:2]:
         # grouped-query attention: read the KV heads without repeating them
@@ -204,7 +199,7 @@ def _head_repeat(g: _Graph, op: ir.Op, key: str):
     """(bindings of x, r, the ops) when op's input `key` is reshape(tile(expand_dims(x, axes=[2]), reps (1,1,r,1,1)))
     from x (B, KV, S, D) to (B, KV*r, S, D): each KV head repeated for r query heads, as a converted model writes
     grouped-query attention."""
-    name = g.name(op, key)
+    name = op.input_name(key)
     reshape = g.producer.get(name) if name is not None else None
     if reshape is None or reshape.type != "reshape" or g.uses.get(name) != 1:
         return None
@@ -212,7 +207,7 @@ def _head_repeat(g: _Graph, op: ir.Op, key: str):
     expand = g.source(tile, "x", "expand_dims", _dtype(reshape)) if tile is not None else None
     if expand is None or len(expand.inputs.get("x", [])) != 1:
         return None
-    shapes = [_shape(o) for o in (g.producer.get(g.name(expand, "x") or ""), expand, tile, reshape)]
+    shapes = [_shape(o) for o in (g.producer.get(expand.input_name("x") or ""), expand, tile, reshape)]
     if None in shapes or len(shapes[0]) != 4:
         return None
     (b, kv, s, d), reps = shapes[0], _tuple(g.const(tile, "reps"))
@@ -241,14 +236,14 @@ def _rotary(g: _Graph, out: ir.Op):
         neg, x1 = g.producer.get(parts[0].name), g.producer.get(parts[1].name)
         if neg is None or x1 is None or g.uses.get(parts[0].name) != 1 or g.uses.get(parts[1].name) != 1:
             continue
-        x = g.name(x1, "x")
-        x2 = g.producer.get(g.name(neg, "x") or "")
+        x = x1.input_name("x")
+        x2 = g.producer.get(neg.input_name("x") or "")
         x2_name = x2.outputs[0][0] if x2 is not None else None
         if not (g.half_slice(x1, x, first=True) and g.negation_of(neg, x2_name) and g.uses.get(x2_name) == 1
                 and g.half_slice(x2, x, first=False) and _dtype(neg) == _dtype(x1) == _dtype(x2) == dtype):
             continue
         for this, other in (("x", "y"), ("y", "x")):
-            if g.name(a, this) == x and len(a.inputs.get(other, [])) == 1:
+            if a.input_name(this) == x and len(a.inputs.get(other, [])) == 1:
                 fused = ir.Op(type=FUSED_ROTARY, outputs=list(out.outputs), attributes={"name": out.name},
                               inputs={"x": a.inputs[this], "cos": a.inputs[other], "sin": sin})
                 return fused, [a, b, rot, neg, x1, x2]

@@ -206,7 +206,7 @@ class Plan:
             args["_round"] = round_to_fp16  # its intermediates are fp16 values too (fuse checks the dtypes)
         exact = o.type in VIEW_OPS or (o.type in SELECTING_OPS and self._same_dtype(o, args))
         coercers = [None if exact else _coercer(t, self.round_fp16) for _, t in o.outputs]
-        if o.type == "gather" and self._arg_name(o, "x") in self.tables:
+        if o.type == "gather" and o.input_name("x") in self.tables:
             coercers = [widen]  # rows of an fp16 table: exact in float32
         coercers = [_round_small if c is round_to_fp16 and _small_static(t) else c
                     for c, (_, t) in zip(coercers, o.outputs)]
@@ -230,11 +230,6 @@ class Plan:
                 self.known[n] = r
             return
         self.steps.append(_Step(o.type, KERNELS[o.type], args, names, coercers))
-
-    @staticmethod
-    def _arg_name(o: ir.Op, key: str) -> str | None:
-        args = o.inputs.get(key, [])
-        return args[0].name if len(args) == 1 else None
 
     @staticmethod
     def _negates(args: dict) -> bool:

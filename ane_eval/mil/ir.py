@@ -64,6 +64,11 @@ class Op:
     def name(self) -> str:
         return self.attributes.get("name") or (self.outputs[0][0] if self.outputs else self.type)
 
+    def input_name(self, key: str) -> str | None:
+        """The value name bound to a single-binding input (None for constants, lists and absent inputs)."""
+        args = self.inputs.get(key, [])
+        return args[0].name if len(args) == 1 else None
+
 
 @dataclass(slots=True)
 class Block:
