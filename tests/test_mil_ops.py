@@ -163,6 +163,29 @@ def test_kernel_matches_reference(op_name, kwargs):
         assert np.asarray(a).shape == np.asarray(b).shape
 
 
+def test_fresh_ops_return_new_arrays():
+    """The interpreter rounds FRESH_OPS outputs in place: their kernels must never hand back an input or a view of
+    one (including the no-op shapes: a 1x1 conv, a product with 1, a one-element reduction)."""
+    from ane_eval.mil.fuse import FUSED_ATTENTION, FUSED_MIRRORED_NORM, FUSED_ROTARY
+    from ane_eval.mil.ops import FRESH_OPS
+
+    one, eye = np.ones((1, 1), np.float32), np.eye(4, dtype=np.float32)
+    cases = [c for c in CASES if c[0] in FRESH_OPS] + [
+        ("mul", dict(x=X, y=np.float32(1))), ("add", dict(x=X, y=np.float32(0))), ("matmul", dict(x=X, y=eye)),
+        ("conv", dict(x=X[:1, :, :, None], weight=np.eye(3, dtype=np.float32)[:, :, None, None])),
+        ("linear", dict(x=X, weight=eye)), ("softmax", dict(x=one)), ("layer_norm", dict(x=one, axes=[0])),
+        ("pow", dict(x=X, y=np.float32(1))), (FUSED_ROTARY, dict(x=X, cos=one, sin=one * 0)),
+        (FUSED_MIRRORED_NORM, dict(x=X)),
+        (FUSED_ATTENTION, dict(query=r(1, 2, 3, 4), key=r(1, 2, 5, 4), value=r(1, 2, 5, 4), scale=np.float32(1),
+                               mask=np.zeros((1, 1, 3, 5), np.float32)))]
+    assert {c[0] for c in cases} == FRESH_OPS
+    for op_name, kwargs in cases:
+        out = run(op_name, **kwargs)
+        for v in kwargs.values():
+            if isinstance(v, np.ndarray):
+                assert not np.shares_memory(out, v), op_name
+
+
 def test_ops_without_value_inference_match_formulas():
     import torch
 
@@ -255,7 +278,7 @@ def test_every_contract_op_has_a_kernel():
     assert math.isclose(float(run("rsqrt", x=np.float32(4.0), epsilon=0.0)), 0.5)
 
 
-@pytest.mark.parametrize("impl", ["round_to_fp16", "round_fp16_numpy"])
+@pytest.mark.parametrize("impl", ["round_to_fp16", "round_in_place", "round_fp16_numpy"])
 def test_fast_fp16_rounding_is_bit_exact(impl):
     from ane_eval.mil import fp16
 
@@ -270,9 +293,12 @@ def test_fast_fp16_rounding_is_bit_exact(impl):
                   5.96e-8, 2.98e-8, 2.9e-8, 3e-8, 1e-40, -1e-45, 2049, 2051, 4097], np.float32)])
     with np.errstate(all="ignore"):  # as the interpreter runs it
         ref = x.astype(np.float16).astype(np.float32)
-        got = round_to_fp16(x.reshape(-1, 7) if x.size % 7 == 0 else x)
+        arg = (x.reshape(-1, 7) if x.size % 7 == 0 else x).copy()  # round_in_place overwrites its argument
+        got = round_to_fp16(arg)
     np.testing.assert_array_equal(got.reshape(-1).view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
     assert np.isnan(got.reshape(-1)[np.isnan(ref)]).all()
+    if impl == "round_in_place":
+        assert got is arg
 
 
 def test_fp16_widening_is_exact():

@@ -18,9 +18,9 @@ import numpy as np
 
 from . import ir
 from .blob import BlobFile
-from .fp16 import SMALL, round_to_fp16, widen
+from .fp16 import SMALL, round_in_place, round_to_fp16, widen
 from .fuse import FUSED_OPS, fuse
-from .ops import CONSTEXPR, KERNELS, VIEW_OPS, OpError
+from .ops import CONSTEXPR, FRESH_OPS, KERNELS, VIEW_OPS, OpError
 
 VARIADIC = {"values"}  # inputs that are always a list (concat, stack, einsum)
 SHAPE_ARGS = {"axes", "perm", "shape", "reps", "begin", "end", "stride", "begin_mask", "end_mask", "squeeze_mask",
@@ -203,12 +203,15 @@ class Plan:
             self.alias[o.outputs[0][0]] = args["x"]  # passes its input through unchanged: no step at all
             return
         if o.type in FUSED_OPS and self.round_fp16 and self.types.get(o.outputs[0][0]) == "fp16":
-            args["_round"] = round_to_fp16  # its intermediates are fp16 values too (fuse checks the dtypes)
+            # its intermediates are fp16 values too (fuse checks the dtypes); it rounds only arrays it made
+            args["_round"] = round_in_place
         exact = o.type in VIEW_OPS or (o.type in SELECTING_OPS and self._same_dtype(o, args))
         coercers = [None if exact else _coercer(t, self.round_fp16) for _, t in o.outputs]
         if o.type == "gather" and o.input_name("x") in self.tables:
             coercers = [widen]  # rows of an fp16 table: exact in float32
-        coercers = [_round_small if c is round_to_fp16 and _small_static(t) else c
+        if o.type in FRESH_OPS:  # a kernel's own new array: rounded where it lies
+            coercers = [round_in_place if c is round_to_fp16 else c for c in coercers]
+        coercers = [_round_small if c in (round_to_fp16, round_in_place) and _small_static(t) else c
                     for c, (_, t) in zip(coercers, o.outputs)]
         if o.type == "mul" and self._negates(args) and self._same_dtype(o, args):
             coercers = [None]  # x * ±1 is exact

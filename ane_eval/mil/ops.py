@@ -21,6 +21,11 @@ KERNELS: dict = {}
 # ops whose outputs may share memory with an input (the interpreter tracks these for in-place state updates)
 VIEW_OPS = {"identity", "reshape", "expand_dims", "squeeze", "transpose", "read_state", "slice_update",
             "coreml_update_state"}
+# ops whose kernels always return newly allocated results (never an input, a constant or a view of one): the
+# interpreter rounds these outputs in place
+FRESH_OPS = {"add", "sub", "mul", "real_div", "pow", "exp", "log", "sqrt", "rsqrt", "inverse", "sigmoid", "silu",
+             "softplus", "gelu", "tanh", "softmax", "layer_norm", "instance_norm", "l2_norm", "linear", "matmul",
+             "conv", "scaled_dot_product_attention", FUSED_ATTENTION, FUSED_ROTARY, FUSED_MIRRORED_NORM}
 # ops evaluated once at load time when all inputs are constant (weights decompression and friends)
 CONSTEXPR = {"constexpr_lut_to_dense", "constexpr_affine_dequantize", "constexpr_blockwise_shift_scale",
              "constexpr_sparse_to_dense", "constexpr_cast"}
@@ -282,16 +287,22 @@ def softmax(x, axis=-1):
 def layer_norm(x, axes=None, gamma=None, beta=None, epsilon=1e-5):
     x = f32(x)
     ax = tuple(axes_of(axes, x.ndim)) if axes is not None else tuple(range(x.ndim))
-    count = np.float32(math.prod(x.shape[a] for a in ax))
-    # np.add.reduce / count is what np.mean computes for float32, without its Python-level overhead
-    centered = x - np.add.reduce(x, axis=ax, keepdims=True) / count
-    var = np.add.reduce(centered * centered, axis=ax, keepdims=True) / count
-    out = centered / np.sqrt(var + np.float32(epsilon))
+    centered, std = _center(x, ax, epsilon)
+    out = centered / std
     if gamma is not None:
         out = out * f32(gamma)
     if beta is not None:
         out = out + f32(beta)
     return out
+
+
+def _center(x, ax, epsilon):
+    """layer_norm's x - mean and sqrt(var + epsilon) over the axes `ax`."""
+    count = np.float32(math.prod(x.shape[a] for a in ax))
+    # np.add.reduce / count is what np.mean computes for float32, without its Python-level overhead
+    centered = x - np.add.reduce(x, axis=ax, keepdims=True) / count
+    var = np.add.reduce(centered * centered, axis=ax, keepdims=True) / count
+    return centered, np.sqrt(var + np.float32(epsilon))
 
 
 @op("instance_norm")
@@ -413,7 +424,8 @@ def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax
     """The attention pattern `fuse` replaces, on the key slots some row can see: slots the mask sets to -inf in
     every row add exactly 0. With `groups` > 1, key and value hold the KV heads, each serving `groups`
     consecutive query heads. `_round` is the intermediates' rounding (the interpreter passes it in fp16 mode),
-    applied where the unfused ops' outputs were rounded."""
+    applied where the unfused ops' outputs were rounded; it may round in place, so it only sees arrays made
+    here."""
     r = _round or _same
     q, m = f32(query), f32(mask)
     slots = key.shape[-2] if transpose_key else key.shape[-1]
@@ -455,8 +467,9 @@ def mirrored_layer_norm(x, epsilon=1e-5, _round=None):
     """The first half of layer_norm(concat(x, -x)) over the last axis: ANEMLL's RMSNorm, computed as written."""
     r = _round or _same
     x = f32(x)
-    normed = layer_norm(np.concatenate([x, -x], axis=-1), axes=(-1,), epsilon=epsilon)
-    return r(np.ascontiguousarray(normed[..., :x.shape[-1]]))
+    doubled = np.concatenate([x, -x], axis=-1)
+    centered, std = _center(doubled, (x.ndim - 1,), epsilon)
+    return r(centered[..., :x.shape[-1]] / std)  # layer_norm's last step, on the kept half only
 
 
 def _same(x):
