@@ -365,16 +365,16 @@ def test_fused_attention_matches_the_unfused_ops(tmp_path, monkeypatch, softmax_
     np.testing.assert_allclose(fused.astype(np.float32), plain.astype(np.float32), rtol=0, atol=2e-3)
 
 
-def test_rotary_and_norm_fusions_are_bit_identical(demo_dir, monkeypatch):
-    """The rotary and mirrored-norm rewrites change nothing, bit for bit, on both functions of a demo chunk; the
-    attention rewrite (grouped-query heads included) stays within fp16 rounding of the op-by-op program."""
+def test_rewrites_match_the_op_by_op_program(demo_dir, monkeypatch):
+    """On both functions of a demo chunk: the rotary and mirrored-norm rewrites change nothing, bit for bit; the
+    attention rewrite (grouped-query heads included) and the stacked projections stay within fp16 rounding of
+    the op-by-op program."""
     from collections import Counter
 
     from ane_eval.mil import fuse, proto
     from ane_eval.model import causal_mask
 
     chunk = next(demo_dir.glob("*_chunk_01of02.mlpackage"))
-    every = fuse.PATTERNS
     rng = np.random.default_rng(0)
     cache = rng.standard_normal((8, 2, 256, 32)).astype(np.float16)
     calls = {
@@ -386,26 +386,61 @@ def test_rotary_and_norm_fusions_are_bit_identical(demo_dir, monkeypatch):
                   "position_ids": np.array([40], np.int32),
                   "causal_mask": causal_mask(256)[:, :, 40:41, :],
                   "current_pos": np.array([40], np.int32)}}
-
-    def run(function, patterns):
-        monkeypatch.setattr(fuse, "PATTERNS", patterns)
-        m = mil.MILModel(chunk, function)
-        state = m.make_state()
-        state.write_state("model_model_kv_cache_0", cache)
-        return m.predict(calls[function], state)["output_hidden_states"].astype(np.float32)
-
+    patterns = fuse.PATTERNS
     for function in calls:
         fn = proto.load(chunk, only=function).functions[function]
-        monkeypatch.setattr(fuse, "PATTERNS", every)
         fused_ops = fuse.fuse(fn.block.operations, fn.block.outputs)
         fused = Counter(o.type for o in fused_ops)
         assert [fused[t] for t in (fuse.FUSED_ROTARY, fuse.FUSED_MIRRORED_NORM, fuse.FUSED_ATTENTION)] == [4, 4, 2]
         # grouped-query attention (4 query heads on 2 KV heads) reads the KV heads without repeating them
         assert [o.attributes["groups"] for o in fused_ops if o.type == fuse.FUSED_ATTENTION] == [2, 2]
         assert fused["tile"] == 0
-        plain = run(function, ())
+        # per layer: q/k/v stacked, gate/up stacked, down alone
+        assert (Counter(o.type for o in fn.block.operations)["conv"], fused["conv"], fused["split"]) == (12, 6, 4)
+
+    def run(function, only_patterns=(), stack=False):
+        monkeypatch.setattr(fuse, "PATTERNS", only_patterns)
+        monkeypatch.setattr(fuse, "REWRITES", (fuse.fuse_patterns,) + ((fuse.stack_projections,) if stack else ()))
+        m = mil.MILModel(chunk, function)
+        state = m.make_state()
+        state.write_state("model_model_kv_cache_0", cache)
+        return m.predict(calls[function], state)["output_hidden_states"].astype(np.float32)
+
+    for function in calls:
+        plain = run(function)
         np.testing.assert_array_equal(run(function, (fuse._rotary, fuse._mirrored_norm)), plain)
-        np.testing.assert_allclose(run(function, every), plain, rtol=0, atol=np.abs(plain).max() * 2e-3)
+        tolerance = dict(rtol=0, atol=np.abs(plain).max() * 2e-3)
+        np.testing.assert_allclose(run(function, stack=True), plain, **tolerance)
+        np.testing.assert_allclose(run(function, patterns, stack=True), plain, **tolerance)
+
+
+def test_only_plain_sibling_projections_are_stacked():
+    """Stacked: 1x1 convs of one input whose weights are stored constants read by them alone. Left alone: a conv
+    with a bias, one whose weight is read twice, one on another input, a lone conv."""
+    from pathlib import Path
+
+    from ane_eval.mil import fuse, ir
+
+    def const(name, rows):
+        t = ir.TensorType("fp16", (rows, 8, 1, 1))
+        return ir.Op("const", {}, [(name, t)], {"val": ir.BlobRef(Path("w.bin"), 64 * rows, t)})
+
+    def conv(out, x, w, rows, **extra):
+        inputs = {"x": [ir.Arg(name=x)], "weight": [ir.Arg(name=w)], **{k: [ir.Arg(value=v)] for k, v in extra.items()}}
+        return ir.Op("conv", inputs, [(out, ir.TensorType("fp16", (1, rows, 1, 4)))])
+
+    ops = [const("wq", 8), const("wk", 4), const("wb", 2), const("ws", 2), const("wo", 3), const("wv", 4),
+           conv("q", "x", "wq", 8, pad_type="valid"), conv("k", "x", "wk", 4, pad_type="valid"),
+           conv("b", "x", "wb", 2, pad_type="valid", bias=np.zeros(2, np.float32)),
+           conv("s1", "x", "ws", 2, pad_type="valid"), conv("s2", "x", "ws", 2, pad_type="valid"),
+           conv("o", "y", "wo", 3, pad_type="valid"), conv("v", "x", "wv", 4, pad_type="valid")]
+    out = fuse.stack_projections(ops, ["q", "k", "v", "b", "s1", "s2", "o"])
+    stacked = [o for o in out if o.type == "const" and isinstance(o.attributes["val"], ir.StackedBlobs)]
+    assert len(stacked) == 1 and [r.offset for r in stacked[0].attributes["val"].parts] == [512, 256, 256]
+    assert stacked[0].outputs[0][1].shape == (16, 8, 1, 1)
+    split = next(o for o in out if o.type == "split")
+    assert [n for n, _ in split.outputs] == ["q", "k", "v"]
+    assert {o.outputs[0][0] for o in out if o.type == "conv"} == {"ane_eval_stacked_q", "b", "s1", "s2", "o"}
 
 
 def test_fp16_storage_changes_nothing(demo_dir, monkeypatch, tmp_path):

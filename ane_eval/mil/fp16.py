@@ -36,7 +36,7 @@ def round_in_place(x) -> np.ndarray:
         if x.flags.writeable and (x.flags.c_contiguous or x.flags.f_contiguous):
             torch = _torch()
             if torch is not None:
-                return _in_torch(torch, x, rounding=True, out=x)
+                return _in_torch(torch, x, rounding=True, in_place=True)
     return round_to_fp16(x)
 
 
@@ -50,18 +50,18 @@ def widen(v) -> np.ndarray:
     return _in_torch(torch, np.ascontiguousarray(v), rounding=False)
 
 
-def _in_torch(torch, x: np.ndarray, rounding: bool, out=None) -> np.ndarray:
-    """x (contiguous) rounded through fp16, or widened from fp16, by torch; with `out` (x itself), in place. Arrays large enough for torch to
-    convert in parallel are converted on one thread: its OpenMP workers spin after a parallel region and starve
+def _in_torch(torch, x: np.ndarray, rounding: bool, in_place: bool = False) -> np.ndarray:
+    """x (contiguous) rounded through fp16 (`in_place`: overwriting x), or widened from fp16, by torch. Arrays
+    large enough for torch to convert in parallel are converted on one thread: its OpenMP workers spin after a parallel region and starve
     numpy's BLAS threads (a prefill ran 8x slower), and conversions are memory-bound anyway."""
     threads = torch.get_num_threads() if x.size >= SERIAL else 1
     if threads != 1:
         torch.set_num_threads(1)
     try:
         t = torch.from_numpy(x)
-        if out is not None:
+        if in_place:
             t.copy_(t.half())
-            return out
+            return x
         return (t.half().float() if rounding else t.float()).numpy()
     finally:
         if threads != 1:

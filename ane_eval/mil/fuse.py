@@ -12,6 +12,10 @@ prefill attends over every KV-cache slot. Three patterns (as ANEMLL and our buil
 
 A pattern is fused only when every intermediate is used inside it alone and has the output's dtype; each kernel
 keeps every intermediate rounding of the ops it replaces (the interpreter passes `_round` in fp16 mode).
+
+Then projections that read the same input (a layer's q, k and v; its gate and up) are stacked into one conv and a
+split: one GEMM and one rounding pass instead of several. The dot products are the same; BLAS may sum them in
+another float32 order for the taller matrix.
 """
 from __future__ import annotations
 
@@ -27,6 +31,13 @@ FUSED_OPS = {FUSED_ATTENTION, FUSED_ROTARY, FUSED_MIRRORED_NORM}
 
 
 def fuse(ops: list[ir.Op], outputs: list[str]) -> list[ir.Op]:
+    """`ops` with every rewrite of REWRITES applied."""
+    for rewrite in REWRITES:
+        ops = rewrite(ops, outputs)
+    return ops
+
+
+def fuse_patterns(ops: list[ir.Op], outputs: list[str]) -> list[ir.Op]:
     """`ops` with each matched pattern replaced by its fused op, placed where the pattern's last op was."""
     g = _Graph(ops, outputs)
     replaced: dict[int, ir.Op] = {}
@@ -274,3 +285,60 @@ def _mirrored_norm(g: _Graph, out: ir.Op):
 
 
 PATTERNS = (_attention, _rotary, _mirrored_norm)
+
+
+def stack_projections(ops: list[ir.Op], outputs: list[str]) -> list[ir.Op]:
+    """Pointwise convs reading one input, each with a stored weight of its own, become one conv over the weights
+    stacked along the output channels and a split into the original outputs, placed where the first conv was."""
+    g = _Graph(ops, outputs)
+    siblings: dict[tuple, list[ir.Op]] = {}
+    for op in ops:
+        key = _projection_key(g, op)
+        if key is not None:
+            siblings.setdefault(key, []).append(op)
+    placed: dict[int, list[ir.Op]] = {}
+    dropped: set[int] = set()
+    for group in (ops_ for ops_ in siblings.values() if len(ops_) > 1):
+        weights = [g.producer[o.input_name("weight")] for o in group]
+        refs = tuple(w.attributes["val"] for w in weights)
+        rows = [r.type.shape[0] for r in refs]
+        first, out_type = group[0], group[0].outputs[0][1]
+        stacked = f"ane_eval_stacked_{first.outputs[0][0]}"
+        w_type = ir.TensorType(refs[0].type.dtype, (sum(rows),) + tuple(refs[0].type.shape[1:]))
+        y_type = ir.TensorType(out_type.dtype, (out_type.shape[0], sum(rows)) + tuple(out_type.shape[2:]))
+        placed[id(first)] = [
+            ir.Op("const", {}, [(stacked + "_weight", w_type)],
+                  {"name": stacked + "_weight", "val": ir.StackedBlobs(refs, w_type)}),
+            ir.Op("conv", {**first.inputs, "weight": [ir.Arg(name=stacked + "_weight")]}, [(stacked, y_type)],
+                  {"name": stacked}),
+            ir.Op("split", {"x": [ir.Arg(name=stacked)], "axis": [ir.Arg(value=np.int32(1))],
+                            "split_sizes": [ir.Arg(value=np.array(rows, np.int32))]},
+                  [o.outputs[0] for o in group], {"name": stacked + "_split"})]
+        dropped.update(id(o) for o in group + weights)
+    if not placed:
+        return ops
+    return [new for o in ops for new in placed.get(id(o), [] if id(o) in dropped else [o])]
+
+
+def _projection_key(g: _Graph, op: ir.Op) -> tuple | None:
+    """What sibling projections share (input, weight layout, settings), for a 1x1 stride-1 ungrouped conv without
+    bias whose weight is a stored constant read by it alone; None for any other op."""
+    if op.type != "conv" or op.input_name("x") is None or "bias" in op.inputs or len(op.outputs) != 1:
+        return None
+    name = op.input_name("weight")
+    weight = g.producer.get(name) if name is not None else None
+    ref = weight.attributes.get("val") if weight is not None and weight.type == "const" else None
+    out = op.outputs[0][1]
+    if not isinstance(ref, ir.BlobRef) or g.uses.get(name) != 1 or len(ref.type.shape) < 3 \
+            or any(d != 1 for d in ref.type.shape[2:]) or not isinstance(out, ir.TensorType) or out.rank < 2:
+        return None
+    settings = {k: g.const(op, k) for k in op.inputs if k not in ("x", "weight")}
+    if any(v is None for v in settings.values()) or str(settings.get("pad_type", "valid")) == "custom" \
+            or int(np.asarray(settings.get("groups", 1))) != 1 \
+            or any(s != 1 for s in np.asarray(settings.get("strides", 1)).reshape(-1)):
+        return None
+    return (op.input_name("x"), ref.type.dtype, tuple(ref.type.shape[1:]), out.dtype,
+            tuple(sorted((k, repr(np.asarray(v).tolist())) for k, v in settings.items())))
+
+
+REWRITES = (fuse_patterns, stack_projections)

@@ -59,16 +59,27 @@ class ConstStore:
                 self.owned[id(v)] = v
         return value
 
-    def blob(self, ref: ir.BlobRef, stored: bool = False) -> np.ndarray:
-        """A stored constant in compute form, or with `stored` as the file holds it (fp16 tables that are only
-        gathered from: the gathered rows are converted, the table is not)."""
-        key = ("blob", str(ref.path), ref.offset, stored)
+    def value(self, v, stored: bool = False):
+        """A constant in compute form: inline values converted, stored ones read (once per package). With
+        `stored`, a stored constant as the file holds it (fp16 tables that are only gathered from: the gathered
+        rows are converted, the table is not)."""
+        if isinstance(v, ir.StackedBlobs):
+            key = ("stacked",) + tuple((str(r.path), r.offset) for r in v.parts)
+            if key not in self.values:
+                self._keep(key, np.concatenate([self._read(r, stored=False) for r in v.parts]))
+            return self.values[key]
+        if not isinstance(v, ir.BlobRef):
+            return compute_form(v)
+        key = ("blob", str(v.path), v.offset, stored)
         if key not in self.values:
-            if ref.path not in self.files:
-                self.files[ref.path] = BlobFile(ref.path)
-            value = self.files[ref.path].read(ref.offset, ref.type.dtype, ref.type.shape)
-            self._keep(key, value if stored else compute_form(value))
+            self._keep(key, self._read(v, stored))
         return self.values[key]
+
+    def _read(self, ref: ir.BlobRef, stored: bool) -> np.ndarray:
+        if ref.path not in self.files:
+            self.files[ref.path] = BlobFile(ref.path)
+        value = self.files[ref.path].read(ref.offset, ref.type.dtype, ref.type.shape)
+        return value if stored else compute_form(value)
 
     def fold(self, op_type, args: dict, compute):
         """Decompress once per package: infer and prefill share the dequantized weights when their inputs are
@@ -151,10 +162,10 @@ class Plan:
         self.known: dict = {}  # values known at load time
         self.alias: dict = {}  # value name -> the _Var or constant it is identical to
         self.steps: list = []
-        self.types = {n: t.dtype for n, t in fn.inputs if isinstance(t, ir.TensorType)}
-        for o in fn.block.operations:
-            self.types.update({n: t.dtype for n, t in o.outputs if isinstance(t, ir.TensorType)})
         operations = fuse(fn.block.operations, fn.block.outputs)
+        self.types = {n: t.dtype for n, t in fn.inputs if isinstance(t, ir.TensorType)}
+        for o in operations:
+            self.types.update({n: t.dtype for n, t in o.outputs if isinstance(t, ir.TensorType)})
         self.tables = _gather_tables(operations) if self.round_fp16 else set()
         with np.errstate(all="ignore"):  # constant folding runs kernels too (see run)
             for o in operations:
@@ -180,8 +191,7 @@ class Plan:
             if arg.name in self.alias:
                 return self.alias[arg.name]
             return self.known.get(arg.name, _Var(arg.name))
-        v = arg.value
-        return consts.blob(v) if isinstance(v, ir.BlobRef) else compute_form(v)
+        return consts.value(arg.value)
 
     def _prepare(self, o: ir.Op, consts: ConstStore) -> None:
         if o.blocks:
@@ -193,12 +203,12 @@ class Plan:
         if o.type == "const":
             v = o.attributes.get("val")
             stored = o.outputs[0][0] in self.tables
-            self.known[o.outputs[0][0]] = consts.blob(v, stored) if isinstance(v, ir.BlobRef) else compute_form(v)
+            self.known[o.outputs[0][0]] = consts.value(v, stored)
             return
         # attributes other than the op's name are extra constant arguments (rare outside `const`)
         for key, v in o.attributes.items():
             if key != "name" and key not in args:
-                args[key] = consts.blob(v) if isinstance(v, ir.BlobRef) else compute_form(v)
+                args[key] = consts.value(v)
         if o.type == "identity" or (o.type == "cast" and self._same_dtype(o, args)):
             self.alias[o.outputs[0][0]] = args["x"]  # passes its input through unchanged: no step at all
             return

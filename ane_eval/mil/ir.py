@@ -132,3 +132,11 @@ class BlobRef:
     path: Any  # pathlib.Path inside the model package
     offset: int
     type: TensorType
+
+
+@dataclass(frozen=True, slots=True)
+class StackedBlobs:
+    """Stored constants concatenated along their first axis (projection weights a rewrite merged), read straight
+    into one array."""
+    parts: tuple  # BlobRef, each with the same dtype and trailing shape
+    type: TensorType
