@@ -329,8 +329,9 @@ def _projection_key(g: _Graph, op: ir.Op) -> tuple | None:
     weight = g.producer.get(name) if name is not None else None
     ref = weight.attributes.get("val") if weight is not None and weight.type == "const" else None
     out = op.outputs[0][1]
-    if not isinstance(ref, ir.BlobRef) or g.uses.get(name) != 1 or len(ref.type.shape) < 3 \
-            or any(d != 1 for d in ref.type.shape[2:]) or not isinstance(out, ir.TensorType) or out.rank < 2:
+    if not isinstance(ref, ir.BlobRef) or ref.type.dtype not in ("fp16", "fp32") or g.uses.get(name) != 1 \
+            or len(ref.type.shape) < 3 or any(d != 1 for d in ref.type.shape[2:]) \
+            or not isinstance(out, ir.TensorType) or out.rank < 2:
         return None
     settings = {k: g.const(op, k) for k in op.inputs if k not in ("x", "weight")}
     if any(v is None for v in settings.values()) or str(settings.get("pad_type", "valid")) == "custom" \

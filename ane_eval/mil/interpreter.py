@@ -65,8 +65,13 @@ class ConstStore:
         rows are converted, the table is not)."""
         if isinstance(v, ir.StackedBlobs):
             key = ("stacked",) + tuple((str(r.path), r.offset) for r in v.parts)
-            if key not in self.values:
-                self._keep(key, np.concatenate([self._read(r, stored=False) for r in v.parts]))
+            if key not in self.values:  # part by part into one array: no second copy of the parts
+                stacked, row = np.empty(v.type.shape, np.float32), 0
+                for ref in v.parts:
+                    part = self._read(ref, stored=True)
+                    stacked[row:row + len(part)] = part  # fp16 -> float32 is exact
+                    row += len(part)
+                self._keep(key, stacked)
             return self.values[key]
         if not isinstance(v, ir.BlobRef):
             return compute_form(v)
