@@ -52,8 +52,9 @@ def widen(v) -> np.ndarray:
 
 def _in_torch(torch, x: np.ndarray, rounding: bool, in_place: bool = False) -> np.ndarray:
     """x (contiguous) rounded through fp16 (`in_place`: overwriting x), or widened from fp16, by torch. Arrays
-    large enough for torch to convert in parallel are converted on one thread: its OpenMP workers spin after a parallel region and starve
-    numpy's BLAS threads (a prefill ran 8x slower), and conversions are memory-bound anyway."""
+    large enough for torch to convert in parallel are converted on one thread: its OpenMP workers spin after a
+    parallel region and starve numpy's BLAS threads (a prefill ran 8x slower), and conversions are memory-bound
+    anyway."""
     threads = torch.get_num_threads() if x.size >= SERIAL else 1
     if threads != 1:
         torch.set_num_threads(1)
