@@ -298,7 +298,9 @@ def stack_projections(ops: list[ir.Op], outputs: list[str]) -> list[ir.Op]:
             siblings.setdefault(key, []).append(op)
     placed: dict[int, list[ir.Op]] = {}
     dropped: set[int] = set()
-    for group in (ops_ for ops_ in siblings.values() if len(ops_) > 1):
+    for group in siblings.values():
+        if len(group) < 2:
+            continue
         weights = [g.producer[o.input_name("weight")] for o in group]
         refs = tuple(w.attributes["val"] for w in weights)
         rows = [r.type.shape[0] for r in refs]
@@ -315,9 +317,13 @@ def stack_projections(ops: list[ir.Op], outputs: list[str]) -> list[ir.Op]:
                             "split_sizes": [ir.Arg(value=np.array(rows, np.int32))]},
                   [o.outputs[0] for o in group], {"name": stacked + "_split"})]
         dropped.update(id(o) for o in group + weights)
-    if not placed:
-        return ops
-    return [new for o in ops for new in placed.get(id(o), [] if id(o) in dropped else [o])]
+    out = []
+    for o in ops:
+        if id(o) in placed:
+            out += placed[id(o)]
+        elif id(o) not in dropped:
+            out.append(o)
+    return out
 
 
 def _projection_key(g: _Graph, op: ir.Op) -> tuple | None:
