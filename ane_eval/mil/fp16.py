@@ -30,13 +30,11 @@ def round_to_fp16(v) -> np.ndarray:
 def round_in_place(x) -> np.ndarray:
     """round_to_fp16 for an array the caller owns outright (an op's freshly computed output): large ones are
     rounded where they lie, sparing torch's output allocation (about a third of a rounding's cost)."""
-    if type(x) is np.ndarray and x.dtype == np.float32:
-        if x.size < SMALL:
-            return x.astype(np.float16).astype(np.float32)
-        if x.flags.writeable and (x.flags.c_contiguous or x.flags.f_contiguous):
-            torch = _torch()
-            if torch is not None:
-                return _in_torch(torch, x, rounding=True, in_place=True)
+    if (type(x) is np.ndarray and x.dtype == np.float32 and x.size >= SMALL and x.flags.writeable
+            and (x.flags.c_contiguous or x.flags.f_contiguous)):
+        torch = _torch()
+        if torch is not None:
+            return _in_torch(torch, x, rounding=True, in_place=True)
     return round_to_fp16(x)
 
 

@@ -179,8 +179,9 @@ class Plan:
         self.results = {n: self.alias.get(n, self.known.get(n, _Var(n))) for n in self.outputs}
         self.result_names = {v.name for v in self.results.values() if isinstance(v, _Var)}
         self._plan_in_place()
-        self._plan_frees()
-        self._segments = self._compile()
+        last_use = self._last_uses()
+        self._plan_frees(last_use)
+        self._segments = self._compile(last_use)
         del self.known, self.alias, self.types, self.steps, self.tables  # planning only: the code holds the rest
 
     @staticmethod
@@ -278,18 +279,23 @@ class Plan:
         results = out if isinstance(out, tuple) else (out,)
         return [c(r) if c is not None and r is not None else r for c, r in zip(coercers, results)]
 
-    def _plan_frees(self) -> None:
-        """Drop each intermediate from the environment after its last use: a prefill of a large model would
-        otherwise keep every layer's activations alive until the function returns."""
-        last: dict[str, int] = {}
+    def _last_uses(self) -> dict[str, float]:
+        """Value name -> the last step reading it; the block's results are read after the end (inf)."""
+        last: dict[str, float] = {}
         for j, s in enumerate(self.steps):
             for name in s.input_names():
                 last[name] = j
-            for name in s.names:
-                last.setdefault(name, j)  # produced and never read: free right away
-        keep = self.result_names | set(self.state_inputs)
-        for name, j in last.items():
-            if name not in keep:
+        last.update(dict.fromkeys(self.result_names, math.inf))
+        return last
+
+    def _plan_frees(self, last_use: dict) -> None:
+        """Drop each intermediate from the environment after its last use: a prefill of a large model would
+        otherwise keep every layer's activations alive until the function returns."""
+        for s in self.steps:
+            s.free += [name for name in s.names if name not in last_use]  # produced and never read
+        keep = set(self.state_inputs)
+        for name, j in last_use.items():
+            if j != math.inf and name not in keep:
                 self.steps[j].free.append(name)
 
     def _plan_in_place(self) -> None:
@@ -338,7 +344,7 @@ class Plan:
                 raise ExecutionError(f"{self.name}: op {step[0]} ({step[1]}){detail}") from None
         return {n: env[v.name] if isinstance(v, _Var) else v for n, v in self.results.items()}
 
-    def _compile(self) -> list:
+    def _compile(self, last_use: dict) -> list:
         """Straight-line Python for the steps: every value a local variable, every kernel, rounding function and
         constant argument bound by name. A decode step of a converted transformer is hundreds of tiny ops; an
         interpreter loop assembling argument dicts and an environment costs more than the ops themselves.
@@ -353,10 +359,6 @@ class Plan:
             return label
 
         segment_of = {n: j // SEGMENT for j, s in enumerate(self.steps) for n in s.names}
-        last_use: dict[str, float] = {n: math.inf for n in self.result_names}  # results are read after the end
-        for j, s in enumerate(self.steps):
-            for n in s.input_names():
-                last_use[n] = max(last_use.get(n, -1), j)
         self._line_step: dict[tuple, tuple] = {}  # (segment file, line) -> (op type, first output)
         segments = []
         for k in range(0, max(len(self.steps), 1), SEGMENT):

@@ -564,7 +564,10 @@ def split(x, axis, num_splits=None, split_sizes=None):
     x = np.asarray(x)
     ax = int(axis) % x.ndim
     if split_sizes is None:
-        return tuple(np.split(x, int(num_splits), axis=ax))
+        n = int(num_splits)
+        if n < 1 or x.shape[ax] % n:
+            raise OpError(f"split: axis {ax} of shape {x.shape} does not split into {n} equal parts")
+        split_sizes = [x.shape[ax] // n] * n
     lead, start, parts = (slice(None),) * ax, 0, []
     for size in ints(split_sizes):  # plain slicing: np.split spends microseconds in Python per call
         parts.append(x[lead + (slice(start, start + size),)])
