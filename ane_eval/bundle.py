@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CHUNK = re.compile(r"^(?P<stem>.+)_chunk_(?P<i>\d{2})of(?P<n>\d{2})\.(?P<ext>mlpackage|mlmodelc)$")
-EXTENSIONS = {"mil": ("mlpackage",), "coreml": ("mlmodelc", "mlpackage")}
+# the first extension a backend finds wins: the portable runtime prefers the package (the compiler's source; a
+# compiled copy beside it may be stale), CoreML the compiled copy (no compilation at load)
+EXTENSIONS = {"mil": ("mlpackage", "mlmodelc"), "coreml": ("mlmodelc", "mlpackage")}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -122,8 +124,8 @@ def _find_chunks(root: Path, ffn: str | None, exts: tuple, problems: list) -> li
 
 
 def discover(model_dir, backend: str = "mil") -> Bundle:
-    """Find the parts of an ANEMLL model directory for `backend` ("mil" reads .mlpackage, "coreml" prefers
-    .mlmodelc)."""
+    """Find the parts of an ANEMLL model directory for `backend` (both read .mlpackage and .mlmodelc parts, in a
+    mixed directory too; "mil" prefers .mlpackage, "coreml" .mlmodelc)."""
     root = Path(model_dir)
     if not root.exists():
         raise BundleError(f"{root}: no such directory; pass the directory that holds meta.yaml and the .mlpackage "

@@ -19,9 +19,9 @@ def _size(path: Path) -> int:
 
 def _program_facts(path: Path) -> dict:
     """Op histogram per function, LUT bits and parameter count (dequantized element count, deduplicated)."""
-    from .mil import ir, proto
+    from .mil import frontends, ir
 
-    program = proto.load(path)
+    program = frontends.load(path)
     ops, bits, params = {}, set(), {}
     for name, fn in program.functions.items():
         ops[name] = dict(Counter(o.type for o in fn.block.operations if o.type != "const").most_common())
@@ -36,9 +36,10 @@ def _program_facts(path: Path) -> dict:
                     consumed_by_constexpr.update(a.name for a in args if a.name)
         for o in fn.block.operations:
             if o.type == "constexpr_lut_to_dense":
-                lut_arg = o.inputs.get("lut", [None])[0]
-                lut = produced.get(lut_arg.name) if lut_arg and lut_arg.name else None
-                lut_val = lut.attributes.get("val") if lut else (lut_arg.value if lut_arg else None)
+                # the LUT is an input (a name or inline), or in the older text form an attribute
+                lut_arg = o.inputs.get("lut", [ir.Arg(value=o.attributes.get("lut"))])[0]
+                lut = produced.get(lut_arg.name) if lut_arg.name else None
+                lut_val = lut.attributes.get("val") if lut else lut_arg.value
                 shape = lut_val.type.shape if isinstance(lut_val, ir.BlobRef) else getattr(lut_val, "shape", ())
                 if len(shape) >= 2:
                     bits.add(int(math.log2(shape[-2] if len(shape) > 2 else shape[0])))
@@ -63,14 +64,13 @@ def model_card(model_dir) -> dict:
         label = f"chunk {int(role[5:])}" if role.startswith("chunk") else role
         entry = {"role": label, "file": path.name, "size_bytes": _size(path)}
         part = described[role]
-        if part is not None:
-            entry["metadata"] = {k: v for k, v in part.metadata.items() if k.startswith("com.anemll")}
-            entry["functions"] = {name: {kind: [{"name": f.name, "shape": list(f.shape), "dtype": f.dtype,
-                                                 **({"shapes": [list(s) for s in f.shapes]} if f.shapes else {})}
-                                                for f in getattr(sig, kind)]
-                                         for kind in ("inputs", "outputs", "states")}
-                                  for name, sig in part.functions.items()}
-            entry.update(_program_facts(path))
+        entry["metadata"] = {k: v for k, v in part.metadata.items() if k.startswith("com.anemll")}
+        entry["functions"] = {name: {kind: [{"name": f.name, "shape": list(f.shape), "dtype": f.dtype,
+                                             **({"shapes": [list(s) for s in f.shapes]} if f.shapes else {})}
+                                            for f in getattr(sig, kind)]
+                                     for kind in ("inputs", "outputs", "states")}
+                              for name, sig in part.functions.items()}
+        entry.update(_program_facts(path))
         card["parts"].append(entry)
     card["parameters"] = sum(p.get("parameters", 0) for p in card["parts"])
     card["size_bytes"] = sum(p["size_bytes"] for p in card["parts"])

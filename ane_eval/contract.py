@@ -36,13 +36,12 @@ class Part:
         return next((f for f in getattr(self.signature(function), kind) if f.name == name), None)
 
 
-def describe(path: Path) -> Part | None:
-    """The interface of an .mlpackage; None for a compiled .mlmodelc (only CoreML can read those)."""
-    from .mil import proto
+def describe(path: Path) -> Part:
+    """The interface of an .mlpackage (its model description) or of a compiled .mlmodelc (the function signatures
+    of its model.mil, with metadata.json's enumerated shapes, default function and user metadata)."""
+    from .mil import frontends
 
-    if path.suffix != ".mlpackage":
-        return None
-    functions, metadata, default = proto.describe(path)
+    functions, metadata, default = frontends.describe(path)
     return Part(path, functions, metadata, default)
 
 
@@ -55,7 +54,7 @@ def part_paths(bundle) -> dict:
 
 
 def describe_parts(bundle) -> dict:
-    """role -> Part (None for compiled .mlmodelc parts), keyed as `part_paths`."""
+    """role -> Part, keyed as `part_paths`."""
     return {role: describe(path) for role, path in part_paths(bundle).items()}
 
 

@@ -135,9 +135,8 @@ class ANEModel:
         return self._call(self._embeddings, self.parts["embeddings"], None, {"input_ids": ids})["hidden_states"]
 
     def _call(self, predictor, part, function, inputs: dict) -> dict:
-        if part is not None:
-            where = f"{part.name} {function}" if function else part.name
-            contract.check_inputs(where, part.signature(function), inputs, self._hints, widen_fp16=self._widen_fp16)
+        where = f"{part.name} {function}" if function else part.name
+        contract.check_inputs(where, part.signature(function), inputs, self._hints, widen_fp16=self._widen_fp16)
         state = self._state if function else None
         return predictor.predict(inputs, state) if state is not None else predictor.predict(inputs)
 

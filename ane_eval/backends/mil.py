@@ -6,7 +6,7 @@ from .. import mil
 
 class MILBackend:
     name = "mil"
-    extensions = ("mlpackage",)
+    extensions = ("mlpackage", "mlmodelc")
 
     def __init__(self, precision: str = "fp16"):
         if precision not in ("fp16", "fp32"):

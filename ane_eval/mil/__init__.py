@@ -1,4 +1,5 @@
-"""Portable ML Program runtime: run CoreML `.mlpackage` / ML Program `.mlmodel` files with numpy, anywhere.
+"""Portable ML Program runtime: run CoreML `.mlpackage`, compiled `.mlmodelc` and ML Program `.mlmodel` files with
+numpy, anywhere.
 
 precision="fp16" (default) rounds every fp16 value as CoreML does. precision="fp32" is a reference mode that
 skips all fp16 rounding: outputs declared fp16 come back as float32, and fp16 inputs also accept float32, so
@@ -21,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ir, proto
+from . import frontends, ir
 from .blob import BlobError
 from .fp16 import widen
 from .interpreter import ConstStore, ExecutionError, Plan, UnsupportedOpsError
 from .ops import KERNELS, StateBuffer
-from .proto import ModelFormatError
+from .ir import ModelFormatError
 
 __all__ = ["load", "MILModel", "MILState", "InputError", "ModelFormatError", "BlobError", "UnsupportedOpsError",
            "ExecutionError", "KERNELS"]
@@ -42,7 +43,7 @@ class _Package:
 
     def __init__(self, path: Path):
         self.path = path
-        program = proto.load(path, only="")  # names and descriptions only
+        program = frontends.load(path, only="")  # names and descriptions only
         self.default_function = program.default_function
         self.function_names = sorted(program.functions)
         self.description = program.description
@@ -53,15 +54,14 @@ class _Package:
     def function(self, name: str) -> ir.Function:
         """One function's IR, parsed for the plan being built and not kept: a plan holds what it needs, and the
         IR of a small model is larger than its weights."""
-        return proto.load(self.path, only=name).functions[name]
+        return frontends.load(self.path, only=name).functions[name]
 
 
 _packages: "weakref.WeakValueDictionary[tuple, _Package]" = weakref.WeakValueDictionary()
 
 
 def _package(path: Path) -> _Package:
-    spec_path, _ = proto.locate(path)
-    key = (str(path.resolve()), spec_path.stat().st_mtime_ns)
+    key = (str(path.resolve()), frontends.program_file(path).stat().st_mtime_ns)
     pkg = _packages.get(key)
     if pkg is None:
         pkg = _Package(path)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import ir
+
 SENTINEL = 0xDEADBEEF
 HEADER = struct.Struct("<II")
 RECORD = struct.Struct("<IIQQQ")
@@ -28,8 +30,8 @@ COMPATIBLE = {1: "fp16", 2: "fp32", 3: "uint8", 4: "int8", 5: "bf16", 6: "int16"
               9: "uint1", 10: "uint2", 11: "uint4", 12: "uint3", 13: "uint6", 14: "int32", 15: "uint32"}
 
 
-class BlobError(ValueError):
-    pass
+class BlobError(ir.ModelFormatError):
+    """A weight file that does not hold what the program says it holds."""
 
 
 class BlobFile:
@@ -78,6 +80,23 @@ class BlobFile:
         if isinstance(np_dtype, str):  # sub-byte
             return unpack_bits(raw, bits, count, signed=np_dtype == "int4").reshape(shape)
         return raw.view(np_dtype).reshape(shape).copy()
+
+
+def reference(root: Path, file_name: str, offset: int, t: ir.TensorType) -> ir.BlobRef:
+    """A stored constant named by a program (`@model_path/weights/weight.bin`, `root` being the directory
+    `@model_path` stands for), refused when the name leads outside `root`; the file itself is checked when read."""
+    root = Path(root).resolve()
+    path = (root / file_name.replace("@model_path/", "", 1)).resolve()
+    if root not in path.parents:
+        raise ir.ModelFormatError(f"{root}: weight file {file_name!r} points outside the model package; refusing to "
+                                  "read it")
+    if not path.is_file():
+        raise ir.ModelFormatError(f"{path}: weight file missing; the model is incomplete")
+    if any(d is None for d in t.shape):
+        raise BlobError(f"{path}: blob at {offset} has a type without a static shape ({t})")
+    if not 0 <= int(offset) < 1 << 63:
+        raise BlobError(f"{path}: blob offset {offset} is out of range")
+    return ir.BlobRef(path, int(offset), t)
 
 
 def unpack_bits(raw: np.ndarray, bits: int, count: int, signed: bool = False) -> np.ndarray:

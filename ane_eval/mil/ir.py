@@ -1,14 +1,40 @@
 """The runtime's own program representation, independent of how a program was stored.
 
-A front end (protobuf `.mlpackage`/`.mlmodel` today, `model.mil` text later) produces a `Program`; the interpreter
-only ever sees these classes. Values are numpy arrays; types carry the declared dtype and shape.
+A front end (`frontends/proto.py` for `.mlpackage`/`.mlmodel` protobuf, `frontends/text.py` for the `model.mil` text of a
+compiled `.mlmodelc`) produces a `Program`; the interpreter only ever sees these classes. Values are numpy arrays; types carry the declared dtype and shape.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+class ModelFormatError(ValueError):
+    """A model file that cannot be read as a program: the message names the file and what is wrong."""
+
+
+# what a corrupt file can make parsing code raise, short of a bug: turned into one line naming the file
+_PARSE_ERRORS = (KeyError, IndexError, TypeError, ValueError, OverflowError, UnicodeDecodeError, StopIteration,
+                 RecursionError, MemoryError)
+
+
+@contextmanager
+def reading(path):
+    """Errors while reading a model file name the file: a ModelFormatError that does not say which file gets it in
+    front, anything else a corrupt file can raise becomes a ModelFormatError with the file and the reason."""
+    try:
+        yield
+    except ModelFormatError as e:
+        if str(path) in str(e) or str(Path(path).parent) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from None
+    except _PARSE_ERRORS as e:
+        raise ModelFormatError(f"{path}: cannot read it ({e.__class__.__name__}: {str(e)[:200]}); the file is corrupt: "
+                               "re-export or re-download the model") from None
+
 
 # declared dtype name -> numpy dtype used to hold values of that type at run time
 NUMPY_DTYPES = {
@@ -140,3 +166,27 @@ class StackedBlobs:
     into one array."""
     parts: tuple  # BlobRef, each with the same dtype and trailing shape
     type: TensorType
+
+
+def check_references(fn: Function, where: str) -> None:
+    """Every name an op reads is a function input or an earlier op's output, and every block output is defined:
+    a broken file fails here, at load, naming the function, the op and the name, never later as a KeyError."""
+    defined = {n for n, _ in fn.inputs}
+    _check_block(fn.block, defined, f"{where} function {fn.name!r}")
+
+
+def _check_block(block: Block, defined: set, where: str) -> None:
+    defined = defined | {n for n, _ in block.inputs}
+    for op in block.operations:
+        for key, bindings in op.inputs.items():
+            for a in bindings:
+                if a.name is not None and a.name not in defined:
+                    raise ModelFormatError(f"{where}: op {op.name!r} ({op.type}) reads {a.name!r} as {key}, which is "
+                                           "never defined before it; the program is corrupt: re-export the model")
+        for inner in op.blocks:
+            _check_block(inner, defined, where)
+        defined.update(n for n, _ in op.outputs)
+    for name in block.outputs:
+        if name not in defined:
+            raise ModelFormatError(f"{where}: output {name!r} is never defined; the program is corrupt: re-export "
+                                   "the model")

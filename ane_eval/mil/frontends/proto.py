@@ -8,18 +8,16 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import sys
 import types
 from pathlib import Path
 
 import numpy as np
 
-from . import ir
-from .blob import BlobError, unpack_bits
-
-
-class ModelFormatError(ValueError):
-    pass
+from .. import blob, ir
+from ..blob import unpack_bits
+from ..ir import ModelFormatError
 
 
 _DTYPES = {  # MIL.proto DataType -> our dtype names
@@ -32,6 +30,8 @@ _ARRAY_DTYPES = {65552: "fp16", 65568: "fp32", 65600: "fp64", 131104: "int32", 1
 _SUB_BYTE_BITS = {"int4": 4, "uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "uint6": 6}
 
 
+MAX_EMPTY = 1 << 16  # an immediate value without data is zeros; more than this is a corrupt file, not a constant
+MAX_ELEMENTS = 1 << 32  # no tensor of a real model comes near 4G elements: a larger declaration is corrupt
 _PROTO_PACKAGE = "_ane_eval_coreml_proto"
 
 
@@ -85,30 +85,39 @@ def read_spec(path: Path):
 def describe(path: Path) -> tuple[dict, dict, str]:
     """({function: Signature}, user metadata, default function) from the spec alone, without reading weights."""
     spec = read_spec(Path(path))
-    desc = spec.description
-    if desc.functions:
-        return {f.name: signature(f) for f in desc.functions}, dict(desc.metadata.userDefined), desc.defaultFunctionName
-    return {"main": signature(desc)}, dict(desc.metadata.userDefined), "main"
+    with ir.reading(locate(path)[0]):
+        desc = spec.description
+        if desc.functions:
+            return ({f.name: signature(f) for f in desc.functions}, dict(desc.metadata.userDefined),
+                    desc.defaultFunctionName)
+        return {"main": signature(desc)}, dict(desc.metadata.userDefined), "main"
 
 
 def load(path: Path, only: str | None = None) -> ir.Program:
     """The program; with `only`, the IR of that one function (the others listed by name, with `None`)."""
     path = Path(path)
     spec = read_spec(path)
+    spec_path, root = locate(path)
     if spec.WhichOneof("Type") != "mlProgram":
-        raise ModelFormatError(f"{path}: a {spec.WhichOneof('Type')} model, not an ML Program; only ML Programs run here")
-    _, root = locate(path)
-    loader = _Loader(root)
-    functions = {name: loader.function(name, f) if only in (None, name) else None
-                 for name, f in spec.mlProgram.functions.items()}
-    desc = spec.description
-    default = desc.defaultFunctionName or ("main" if "main" in functions else next(iter(functions)))
-    if desc.functions:
-        signatures = {f.name: signature(f) for f in desc.functions}
-    else:
-        signatures = {default: signature(desc)}
-    return ir.Program(functions=functions, default_function=default,
-                      metadata=dict(desc.metadata.userDefined), description=signatures)
+        raise ModelFormatError(f"{spec_path}: a {spec.WhichOneof('Type')} model, not an ML Program; only ML Programs "
+                               "run here")
+    with ir.reading(spec_path):
+        loader = _Loader(root)
+        functions = {name: loader.function(name, f) if only in (None, name) else None
+                     for name, f in spec.mlProgram.functions.items()}
+        if not functions:
+            raise ModelFormatError("the program has no function")
+        for fn in functions.values():
+            if fn is not None:
+                ir.check_references(fn, str(spec_path))
+        desc = spec.description
+        default = desc.defaultFunctionName or ("main" if "main" in functions else next(iter(functions)))
+        if desc.functions:
+            signatures = {f.name: signature(f) for f in desc.functions}
+        else:
+            signatures = {default: signature(desc)}
+        metadata = dict(desc.metadata.userDefined)
+    return ir.Program(functions=functions, default_function=default, metadata=metadata, description=signatures)
 
 
 def _feature(fd, state: bool = False) -> ir.Feature:
@@ -156,6 +165,9 @@ class _Loader:
         if kind == "tensorType":
             tt = t.tensorType
             dims = tuple(d.constant.size if d.WhichOneof("dimension") == "constant" else None for d in tt.dimensions)
+            static = [d for d in dims if d is not None]
+            if static and math.prod(static) > MAX_ELEMENTS:
+                raise ModelFormatError(f"a tensor of shape {list(dims)}, more elements than any model holds")
             return ir.TensorType(_DTYPES.get(_protos()[0].DataType.Name(tt.dataType), "unknown"), dims)
         if kind == "stateType":
             return ir.StateType(self.type(t.stateType.wrappedType))
@@ -185,6 +197,8 @@ class _Loader:
         shape = tuple(t.shape)
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if field is None:  # empty tensor
+            if count > MAX_EMPTY:
+                raise ModelFormatError(f"an immediate value of type {t} holds no data")
             return np.zeros(shape, dtype=ir.NUMPY_DTYPES.get(t.dtype, np.float32))
         data = getattr(tv, field).values
         if field == "strings":
@@ -202,12 +216,4 @@ class _Loader:
         return arr.reshape(shape) if shape else (arr.reshape(()) if t.dtype != "string" else arr[0])
 
     def blob(self, file_name: str, offset: int, t: ir.TensorType) -> ir.BlobRef:
-        rel = file_name.replace("@model_path/", "", 1)
-        path = (self.root / rel).resolve()
-        if self.root not in path.parents:
-            raise ModelFormatError(f"weight file {file_name!r} points outside the model package; refusing to read it")
-        if not path.is_file():
-            raise ModelFormatError(f"{path}: weight file missing; the package is incomplete")
-        if any(d is None for d in t.shape):
-            raise BlobError(f"{path}: blob at {offset} has a type without a static shape ({t})")
-        return ir.BlobRef(path, int(offset), t)
+        return blob.reference(self.root, file_name, offset, t)
