@@ -91,36 +91,37 @@ def _find_part(root: Path, declared: str | None, pattern: str, exts: tuple, what
 
 
 def _find_chunks(root: Path, ffn: str | None, exts: tuple, problems: list) -> list[Path]:
+    """The chunks in order; each chunk in the first of `exts` it exists in (a directory may mix the forms)."""
     stem = re.sub(r"\.(mlmodelc|mlpackage)$", "", Path(ffn).name) if ffn else None
-    for ext in exts:
-        found = [(m, p) for p in root.iterdir() if (m := CHUNK.match(p.name)) and m["ext"] == ext]
-        if stem and any(m["stem"] == stem for m, _ in found):
-            found = [(m, p) for m, p in found if m["stem"] == stem]
-        if not found:
-            continue
-        totals = {int(m["n"]) for m, _ in found}
-        if len(totals) > 1:
-            problems.append(f"FFN chunks disagree on the chunk count: {', '.join(sorted(p.name for _, p in found))}")
-            return []
-        n = totals.pop()
-        by_index: dict[int, list[Path]] = {}
+    found = [(m, p) for p in root.iterdir() if (m := CHUNK.match(p.name)) and m["ext"] in exts]
+    if stem and any(m["stem"] == stem for m, _ in found):
+        found = [(m, p) for m, p in found if m["stem"] == stem]
+    if not found:
+        problems.append(f"no FFN chunks (*_FFN_PF*_chunk_NNofMM.{'|'.join(exts)})")
+        return []
+    totals = {int(m["n"]) for m, _ in found}
+    if len(totals) > 1:
+        problems.append(f"FFN chunks disagree on the chunk count: {', '.join(sorted(p.name for _, p in found))}")
+        return []
+    n = totals.pop()
+    by_index: dict[int, list[Path]] = {}
+    for ext in exts:  # the preferred form of a chunk hides its other forms
         for m, p in found:
-            by_index.setdefault(int(m["i"]), []).append(p)
-        dupes = {i: ps for i, ps in by_index.items() if len(ps) > 1}
-        missing = [i for i in range(1, n + 1) if i not in by_index]
-        extra = [i for i in by_index if not 1 <= i <= n]
-        if dupes:
-            problems.append("duplicate FFN chunk(s): " + "; ".join(
-                f"{i:02d} is {' and '.join(sorted(p.name for p in ps))}" for i, ps in sorted(dupes.items())))
-        if missing:
-            problems.append(f"missing FFN chunk(s) {', '.join(f'{i:02d}of{n:02d}' for i in missing)}")
-        if extra:
-            problems.append(f"FFN chunk number(s) {extra} outside 1..{n}")
-        if dupes or missing or extra:
-            return []
-        return [by_index[i][0] for i in range(1, n + 1)]
-    problems.append(f"no FFN chunks (*_FFN_PF*_chunk_NNofMM.{'|'.join(exts)})")
-    return []
+            if m["ext"] == ext and by_index.get(int(m["i"]), [p])[0].suffix == p.suffix:
+                by_index.setdefault(int(m["i"]), []).append(p)
+    dupes = {i: ps for i, ps in by_index.items() if len(ps) > 1}
+    missing = [i for i in range(1, n + 1) if i not in by_index]
+    extra = [i for i in by_index if not 1 <= i <= n]
+    if dupes:
+        problems.append("duplicate FFN chunk(s): " + "; ".join(
+            f"{i:02d} is {' and '.join(sorted(p.name for p in ps))}" for i, ps in sorted(dupes.items())))
+    if missing:
+        problems.append(f"missing FFN chunk(s) {', '.join(f'{i:02d}of{n:02d}' for i in missing)}")
+    if extra:
+        problems.append(f"FFN chunk number(s) {extra} outside 1..{n}")
+    if dupes or missing or extra:
+        return []
+    return [by_index[i][0] for i in range(1, n + 1)]
 
 
 def discover(model_dir, backend: str = "mil") -> Bundle:

@@ -251,3 +251,23 @@ def compile_directory(model_dir: Path, out: Path, dialect: str = "ios18", keep_p
         elif item.is_file():
             shutil.copy2(item, out / item.name)
     return out
+
+
+def write_blobs(path: Path, arrays: list) -> list[int]:
+    """A weight file in CoreML's blob storage (the layout `ane_eval/mil/blob.py` reads) holding `arrays` (numpy,
+    fp16/fp32/int8/uint8, or (packed bytes, blob data type) for sub-byte data); returns each record's offset, the
+    number a BLOBFILE names."""
+    import struct
+
+    codes = {np.dtype(np.float16): 1, np.dtype(np.float32): 2, np.dtype(np.uint8): 3, np.dtype(np.int8): 4}
+    out, offsets = bytearray(struct.pack("<II", len(arrays), 2).ljust(64, b"\0")), []
+    for a in arrays:
+        data, code = (a[0], a[1]) if isinstance(a, tuple) else (np.ascontiguousarray(a).tobytes(), codes[a.dtype])
+        offset = len(out)
+        offsets.append(offset)
+        record = struct.pack("<IIQQQ", 0xDEADBEEF, code, len(data), offset + 64, 0).ljust(64, b"\0")
+        out += record + data
+        out += b"\0" * (-len(out) % 64)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(bytes(out))
+    return offsets
