@@ -166,7 +166,7 @@ def test_kernel_matches_reference(op_name, kwargs):
 def test_fresh_ops_return_new_arrays():
     """The interpreter rounds FRESH_OPS outputs in place: their kernels must never hand back an input or a view of
     one (including the no-op shapes: a 1x1 conv, a product with 1, a one-element reduction)."""
-    from ane_eval.mil.fuse import FUSED_ATTENTION, FUSED_MIRRORED_NORM, FUSED_ROTARY
+    from ane_eval.mil.fuse import FUSED_ATTENTION, FUSED_MIRRORED_NORM, FUSED_OPS, FUSED_ROTARY
     from ane_eval.mil.ops import FRESH_OPS
 
     one, eye = np.ones((1, 1), np.float32), np.eye(4, dtype=np.float32)
@@ -178,7 +178,7 @@ def test_fresh_ops_return_new_arrays():
         (FUSED_MIRRORED_NORM, dict(x=X)),
         (FUSED_ATTENTION, dict(query=r(1, 2, 3, 4), key=r(1, 2, 5, 4), value=r(1, 2, 5, 4), scale=np.float32(1),
                                mask=np.zeros((1, 1, 3, 5), np.float32)))]
-    assert {c[0] for c in cases} == FRESH_OPS
+    assert {c[0] for c in cases} == FRESH_OPS | FUSED_OPS
     for op_name, kwargs in cases:
         out = run(op_name, **kwargs)
         for v in kwargs.values():

@@ -245,7 +245,7 @@ def test_tiny_header(head_copy):
 
 
 def test_weights_outside_the_package_are_refused(head_copy):
-    from ane_eval.mil import proto
+    from ane_eval.mil.frontends import proto
 
     pkg, _ = head_copy
     spec_path = pkg / "Data/com.apple.CoreML/model.mlmodel"
@@ -354,7 +354,7 @@ def test_fused_attention_matches_the_unfused_ops(tmp_path, monkeypatch, softmax_
     live = []
     kernel = ops.KERNELS[fuse.FUSED_ATTENTION]
     monkeypatch.setitem(ops.KERNELS, fuse.FUSED_ATTENTION,
-                        lambda **kw: live.append(ops._live_slots(kw["mask"], 8)) or kernel(**kw))
+                        lambda **kw: live.append(fuse._live_slots(kw["mask"], 8)) or kernel(**kw))
     if precision == "fp32":
         inputs = {n: x.astype(np.float32) for n, x in inputs.items()}
     fused = mil.load(path, precision=precision).predict(inputs)["out"]
@@ -371,7 +371,8 @@ def test_rewrites_match_the_op_by_op_program(demo_dir, monkeypatch):
     the op-by-op program."""
     from collections import Counter
 
-    from ane_eval.mil import fuse, proto
+    from ane_eval.mil import fuse
+    from ane_eval.mil.frontends import proto
     from ane_eval.model import causal_mask
 
     chunk = next(demo_dir.glob("*_chunk_01of02.mlpackage"))

@@ -1,4 +1,5 @@
-"""Plan-time rewrites of the op patterns converted transformers repeat in every layer, each into one op.
+"""Plan-time rewrites of the op patterns converted transformers repeat in every layer, each into one op, and the
+kernels of those fused ops (registered in the one kernel registry of ops.py, which knows nothing of fusion).
 
 A decode step of a small model is hundreds of tiny ops, each costing more in dispatch than in arithmetic, and a
 prefill attends over every KV-cache slot. Three patterns (as ANEMLL and our builder emit them) become one op each:
@@ -22,8 +23,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import ir
+from .fp16 import widen
+from .ops import center, f32, op, slices, softmax
 
-# not MIL op names: internal entries of the kernel registry
+# not MIL op names: internal entries of the kernel registry (each kernel returns a newly allocated array)
 FUSED_ATTENTION = "ane_eval_masked_attention"
 FUSED_ROTARY = "ane_eval_rotary"
 FUSED_MIRRORED_NORM = "ane_eval_mirrored_layer_norm"
@@ -118,7 +121,6 @@ class _Graph:
         args = {k: self.const(op, k) for k in ("begin", "end", "stride", "begin_mask", "end_mask", "squeeze_mask")}
         if not isinstance(t, ir.TensorType) or None in t.shape or args["begin"] is None or args["end"] is None:
             return False
-        from .ops import slices  # here: ops imports this module's names
         try:
             index, squeezed = slices(tuple(t.shape), *(_tuple(args[k]) for k in args))
         except (ValueError, IndexError, TypeError):
@@ -349,3 +351,71 @@ def _projection_key(g: _Graph, op: ir.Op) -> tuple | None:
 
 
 REWRITES = (fuse_patterns, stack_projections)
+
+
+# --- the fused ops' kernels, next to the patterns they replace ----------------------------------------------------
+@op(FUSED_ATTENTION)
+def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax_op=False, groups=1, _round=None):
+    """The attention pattern `fuse` replaces, on the key slots some row can see: slots the mask sets to -inf in
+    every row add exactly 0. With `groups` > 1, key and value hold the KV heads, each serving `groups`
+    consecutive query heads. `_round` is the intermediates' rounding (the interpreter passes it in fp16 mode),
+    applied where the unfused ops' outputs were rounded; it may round in place, so it only sees arrays made
+    here."""
+    r = _round or _same
+    q, m = f32(query), f32(mask)
+    slots = key.shape[-2] if transpose_key else key.shape[-1]
+    live = _live_slots(m, slots)
+    if live < slots:
+        key = key[..., :live, :] if transpose_key else key[..., :live]
+        value, m = value[..., :live, :], m[..., :live]
+    keys_t = widen(key).swapaxes(-1, -2) if transpose_key else widen(key)  # (..., D, live slots)
+    value = widen(value)  # keys and values are usually slices of the fp16 KV state
+    if groups > 1:  # (B, KV, groups, T, D) against (B, KV, 1, D, S): per head the same products as repeated heads
+        b, h, t, _ = q.shape
+        q, keys_t, value = q.reshape(b, h // groups, groups, t, -1), keys_t[:, :, None], value[:, :, None]
+    scores = np.matmul(q, keys_t)
+    if groups > 1:
+        scores = scores.reshape(b, h, t, -1)
+    scores = r(r(r(scores) * f32(scale)) + m)
+    if softmax_op:
+        probs = r(softmax(scores, -1))
+    else:
+        e = r(np.exp(r(scores - scores.max(-1, keepdims=True))))
+        probs = r(e / r(e.sum(-1, keepdims=True)))
+    if groups == 1:
+        return np.matmul(probs, value)
+    return np.matmul(probs.reshape(b, h // groups, groups, t, -1), value).reshape(b, h, t, -1)
+
+
+@op(FUSED_ROTARY)
+def rotary(x, cos, sin, _round=None):
+    """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x[..., h:], x[..., :h]) (exact)."""
+    r = _round or _same
+    x = f32(x)
+    h = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+    return r(x * f32(cos)) + r(rotated * f32(sin))
+
+
+@op(FUSED_MIRRORED_NORM)
+def mirrored_layer_norm(x, epsilon=1e-5, _round=None):
+    """The first half of layer_norm(concat(x, -x)) over the last axis: ANEMLL's RMSNorm, computed as written."""
+    r = _round or _same
+    x = f32(x)
+    doubled = np.concatenate([x, -x], axis=-1)
+    centered, std = center(doubled, (x.ndim - 1,), epsilon)
+    return r(centered[..., :x.shape[-1]] / std)  # layer_norm's last step, on the kept half only
+
+
+def _same(x):
+    return x
+
+
+def _live_slots(mask: np.ndarray, slots: int) -> int:
+    """1 + the last key slot the mask leaves visible to some row (all slots when the mask broadcasts over them)."""
+    if mask.ndim == 0 or mask.shape[-1] != slots:
+        return slots
+    # NaN counts as visible (it reaches the output either way): only == -inf hides a slot
+    visible = np.flatnonzero(mask.reshape(-1, slots).max(axis=0) != -np.inf)
+    return int(visible[-1]) + 1 if visible.size else slots
+

@@ -225,7 +225,7 @@ class Plan:
         coercers = [None if exact else _coercer(t, self.round_fp16) for _, t in o.outputs]
         if o.type == "gather" and o.input_name("x") in self.tables:
             coercers = [widen]  # rows of an fp16 table: exact in float32
-        if o.type in FRESH_OPS:  # a kernel's own new array: rounded where it lies
+        if o.type in FRESH_OPS or o.type in FUSED_OPS:  # a kernel's own new array: rounded where it lies
             coercers = [round_in_place if c is round_to_fp16 else c for c in coercers]
         coercers = [_round_small if c in (round_to_fp16, round_in_place) and _small_static(t) else c
                     for c, (_, t) in zip(coercers, o.outputs)]

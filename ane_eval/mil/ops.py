@@ -14,18 +14,16 @@ import math
 
 import numpy as np
 
-from .fp16 import widen
-from .fuse import FUSED_ATTENTION, FUSED_MIRRORED_NORM, FUSED_ROTARY
 
 KERNELS: dict = {}
 # ops whose outputs may share memory with an input (the interpreter tracks these for in-place state updates)
 VIEW_OPS = {"identity", "reshape", "expand_dims", "squeeze", "transpose", "read_state", "slice_update",
             "coreml_update_state"}
 # ops whose kernels always return newly allocated results (never an input, a constant or a view of one): the
-# interpreter rounds these outputs in place
+# interpreter rounds these outputs in place (the fused kernels of fuse.py are all such)
 FRESH_OPS = {"add", "sub", "mul", "real_div", "pow", "exp", "log", "sqrt", "rsqrt", "inverse", "sigmoid", "silu",
              "softplus", "gelu", "tanh", "softmax", "layer_norm", "instance_norm", "l2_norm", "linear", "matmul",
-             "conv", "scaled_dot_product_attention", FUSED_ATTENTION, FUSED_ROTARY, FUSED_MIRRORED_NORM}
+             "conv", "scaled_dot_product_attention"}
 # ops evaluated once at load time when all inputs are constant (weights decompression and friends)
 CONSTEXPR = {"constexpr_lut_to_dense", "constexpr_affine_dequantize", "constexpr_blockwise_shift_scale",
              "constexpr_sparse_to_dense", "constexpr_cast"}
@@ -287,7 +285,7 @@ def softmax(x, axis=-1):
 def layer_norm(x, axes=None, gamma=None, beta=None, epsilon=1e-5):
     x = f32(x)
     ax = tuple(axes_of(axes, x.ndim)) if axes is not None else tuple(range(x.ndim))
-    centered, std = _center(x, ax, epsilon)
+    centered, std = center(x, ax, epsilon)
     out = centered / std
     if gamma is not None:
         out = out * f32(gamma)
@@ -296,7 +294,7 @@ def layer_norm(x, axes=None, gamma=None, beta=None, epsilon=1e-5):
     return out
 
 
-def _center(x, ax, epsilon):
+def center(x, ax, epsilon):
     """layer_norm's x - mean and sqrt(var + epsilon) over the axes `ax`."""
     count = np.float32(math.prod(x.shape[a] for a in ax))
     # np.add.reduce / count is what np.mean computes for float32, without its Python-level overhead
@@ -417,72 +415,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None):
         mask = np.asarray(attn_mask)
         scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + f32(mask)
     return np.matmul(softmax(scores, -1), v)
-
-
-@op(FUSED_ATTENTION)
-def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax_op=False, groups=1, _round=None):
-    """The attention pattern `fuse` replaces, on the key slots some row can see: slots the mask sets to -inf in
-    every row add exactly 0. With `groups` > 1, key and value hold the KV heads, each serving `groups`
-    consecutive query heads. `_round` is the intermediates' rounding (the interpreter passes it in fp16 mode),
-    applied where the unfused ops' outputs were rounded; it may round in place, so it only sees arrays made
-    here."""
-    r = _round or _same
-    q, m = f32(query), f32(mask)
-    slots = key.shape[-2] if transpose_key else key.shape[-1]
-    live = _live_slots(m, slots)
-    if live < slots:
-        key = key[..., :live, :] if transpose_key else key[..., :live]
-        value, m = value[..., :live, :], m[..., :live]
-    keys_t = widen(key).swapaxes(-1, -2) if transpose_key else widen(key)  # (..., D, live slots)
-    value = widen(value)  # keys and values are usually slices of the fp16 KV state
-    if groups > 1:  # (B, KV, groups, T, D) against (B, KV, 1, D, S): per head the same products as repeated heads
-        b, h, t, _ = q.shape
-        q, keys_t, value = q.reshape(b, h // groups, groups, t, -1), keys_t[:, :, None], value[:, :, None]
-    scores = np.matmul(q, keys_t)
-    if groups > 1:
-        scores = scores.reshape(b, h, t, -1)
-    scores = r(r(r(scores) * f32(scale)) + m)
-    if softmax_op:
-        probs = r(softmax(scores, -1))
-    else:
-        e = r(np.exp(r(scores - scores.max(-1, keepdims=True))))
-        probs = r(e / r(e.sum(-1, keepdims=True)))
-    if groups == 1:
-        return np.matmul(probs, value)
-    return np.matmul(probs.reshape(b, h // groups, groups, t, -1), value).reshape(b, h, t, -1)
-
-
-@op(FUSED_ROTARY)
-def rotary(x, cos, sin, _round=None):
-    """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x[..., h:], x[..., :h]) (exact)."""
-    r = _round or _same
-    x = f32(x)
-    h = x.shape[-1] // 2
-    rotated = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
-    return r(x * f32(cos)) + r(rotated * f32(sin))
-
-
-@op(FUSED_MIRRORED_NORM)
-def mirrored_layer_norm(x, epsilon=1e-5, _round=None):
-    """The first half of layer_norm(concat(x, -x)) over the last axis: ANEMLL's RMSNorm, computed as written."""
-    r = _round or _same
-    x = f32(x)
-    doubled = np.concatenate([x, -x], axis=-1)
-    centered, std = _center(doubled, (x.ndim - 1,), epsilon)
-    return r(centered[..., :x.shape[-1]] / std)  # layer_norm's last step, on the kept half only
-
-
-def _same(x):
-    return x
-
-
-def _live_slots(mask: np.ndarray, slots: int) -> int:
-    """1 + the last key slot the mask leaves visible to some row (all slots when the mask broadcasts over them)."""
-    if mask.ndim == 0 or mask.shape[-1] != slots:
-        return slots
-    # NaN counts as visible (it reaches the output either way): only == -inf hides a slot
-    visible = np.flatnonzero(mask.reshape(-1, slots).max(axis=0) != -np.inf)
-    return int(visible[-1]) + 1 if visible.size else slots
 
 
 # --- shapes and indexing ---------------------------------------------------------------------------------------
