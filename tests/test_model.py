@@ -12,6 +12,7 @@ import ane_eval
 from ane_eval.backends import BackendError, coreml_available, select
 from ane_eval.bundle import BundleError, discover
 from ane_eval.contract import ContractError
+from ane_eval.mil import ModelFormatError
 from ane_eval.mil import BlobError
 from ane_eval.model import ContextOverflowError
 
@@ -234,11 +235,14 @@ def test_meta_variants(broken):
     assert (m.context_length, m.batch_size, m.bundle.split_lm_head) == (256, 32, None)
 
 
-def test_mlmodelc_only_needs_coreml(broken):
+def test_renamed_package_is_not_a_compiled_model(broken):
+    """Compiled parts are found for the portable runtime too (tests/test_mlmodelc.py runs them); a package renamed
+    to .mlmodelc is refused in one line naming it."""
     for p in broken.glob("*.mlpackage"):
         p.rename(p.with_suffix(".mlmodelc"))
-    with pytest.raises(BundleError, match=r"found llama_embeddings.mlmodelc, which this backend cannot load"):
-        discover(broken, backend="mil")
+    assert discover(broken, backend="mil").embeddings.name == "llama_embeddings.mlmodelc"
+    with pytest.raises(ModelFormatError, match=r"llama_\w+.mlmodelc: not a compiled model \(no model.mil"):
+        ane_eval.load_model(broken, backend="mil")
 
 
 # --- the CoreML path, with a fake predictor (real CoreML needs macOS 15) --------------------------------------------

@@ -67,7 +67,7 @@ def locate(path: Path) -> Path:
     mil = path / PROGRAM_FILE
     if not path.is_dir() or not mil.is_file():
         raise ModelFormatError(f"{path}: not a compiled model (no {PROGRAM_FILE} in it); a .mlmodelc directory holds "
-                               "model.mil, metadata.json and weights/weight.bin")
+                               "model.mil, metadata.json and weights/weight.bin: re-download or re-compile it")
     return mil
 
 
