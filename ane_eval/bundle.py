@@ -85,7 +85,7 @@ def _find_part(root: Path, declared: str | None, pattern: str, exts: tuple, what
     if not candidates:
         others = [p.name for p in root.glob(f"{pattern}.*")]
         hint = f" (found {', '.join(others)}, which this backend cannot load)" if others else ""
-        problems.append(f"no {what} part ({pattern}.{'|'.join(exts)}){hint}")
+        problems.append(f"no {what} part ({pattern}.{' or .'.join(exts)}){hint}")
         return None
     return candidates[0]
 
@@ -97,7 +97,7 @@ def _find_chunks(root: Path, ffn: str | None, exts: tuple, problems: list) -> li
     if stem and any(m["stem"] == stem for m, _ in found):
         found = [(m, p) for m, p in found if m["stem"] == stem]
     if not found:
-        problems.append(f"no FFN chunks (*_FFN_PF*_chunk_NNofMM.{'|'.join(exts)})")
+        problems.append(f"no FFN chunks (*_FFN_PF*_chunk_NNofMM.{' or .'.join(exts)})")
         return []
     totals = {int(m["n"]) for m, _ in found}
     if len(totals) > 1:

@@ -172,7 +172,7 @@ ZOO = {
                         BundleError, r"duplicate FFN chunk\(s\): 01 is llama_FFN_PF_chunk_01of02.mlpackage and "
                                      r"llama_FFN_PF_lut4_chunk_01of02.mlpackage"),
     "missing embeddings": (lambda d: shutil.rmtree(d / "llama_embeddings.mlpackage"),
-                           BundleError, r"no embeddings part \(\*_embeddings\*.mlpackage\)"),
+                           BundleError, r"no embeddings part \(\*_embeddings\*.mlpackage or .mlmodelc\)"),
     "missing lm_head": (lambda d: shutil.rmtree(d / "llama_lm_head.mlpackage"), BundleError, "no lm_head part"),
     "wrong context length": (lambda d: _meta(d, context_length=512), ContractError,
                              "meta.yaml context_length is 512 but the model was compiled for 256"),
