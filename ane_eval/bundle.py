@@ -51,13 +51,22 @@ def _read_meta(root: Path) -> tuple[dict, dict]:
     if not path.is_file():
         return {}, {}
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise BundleError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        doc = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{path}: not UTF-8 text (byte {e.start}); fix or re-create meta.yaml") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        raise BundleError(f"{path}: not valid YAML ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     info = doc.get("model_info", {}) if isinstance(doc, dict) else {}
     params = info.get("parameters", {}) if isinstance(info, dict) else {}
     if not isinstance(params, dict):
         raise BundleError(f"{path}: model_info.parameters must be a mapping")
+    for key in ("embeddings", "lm_head", "ffn", "tokenizer_path", "model_prefix"):
+        if params.get(key) is not None and (not isinstance(params[key], str) or "\0" in params[key]):
+            raise BundleError(f"{path}: model_info.parameters.{key} must be a file name, found {params[key]!r:.60}")
+    for key in ("context_length", "batch_size", "num_chunks", "split_lm_head"):
+        v = params.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) and not (isinstance(v, str) and v.isdigit())):
+            raise BundleError(f"{path}: model_info.parameters.{key} must be a whole number, found {v!r:.60}")
     return info, params
 
 
