@@ -313,3 +313,23 @@ def test_not_utf8_and_not_json(tmp_path):
     (d / "model.mil").unlink()
     with pytest.raises(mil.ModelFormatError, match="not a compiled model"):
         mil.load(d)
+
+
+@pytest.mark.slow  # two lm-eval runs (~1 min); the bit-identical logits above are checked in every run
+def test_compiled_only_directory_runs_like_the_packages(demo_dir, tmp_path):
+    """`ane-eval run` on a directory of .mlmodelc parts only: the same metrics and per-request responses as on the
+    packages (`pytest evals --model-dir` on such a directory was run too; see the README)."""
+    from ane_eval.cli import main
+
+    compiled = compile_directory(demo_dir, tmp_path / "compiled")
+    runs = {}
+    for name, d in (("packages", demo_dir), ("compiled", compiled)):
+        out = tmp_path / name
+        assert main(["run", "--model", str(d), "--tasks", "demo_boolq,demo_wikitext", "--limit", "6",
+                     "--output-dir", str(out), "--log-samples"]) == 0
+        result = json.loads(next(out.rglob("results_*.json")).read_text())
+        samples = {p.name.split("_20")[0]: [(s["doc_id"], s["resps"]) for s in map(json.loads, p.read_text().splitlines())]
+                   for p in out.rglob("samples_*.jsonl")}
+        runs[name] = (result["results"], samples)
+    assert runs["compiled"] == runs["packages"]
+    assert runs["compiled"][0]["demo_boolq"]["acc,none"] > 0.5
