@@ -159,6 +159,30 @@ class _Parser:
         self._advance()
         return val
 
+    def items(self, close: str, item, what: str) -> list:
+        """`item()` repeated, comma-separated, up to `close` (the opening bracket already read)."""
+        out = []
+        if self.accept(close):
+            return out
+        while True:
+            out.append(item())
+            if self.accept(close):
+                return out
+            self.expect(",", f"or {close!r} between {what}")
+
+    def keyed(self, close: str, value, what: str) -> dict:
+        """`key = value()` pairs up to `close`, each key once."""
+        out: dict = {}
+
+        def pair():
+            key = self.ident(f"{what[:-1]} name")
+            self.expect("=")
+            if key in out:
+                raise self.error(f"{what[:-1]} {key!r} given twice")
+            out[key] = value()
+        self.items(close, pair, what)
+        return out
+
     def nested(self):
         """Bounds the recursion of nested literals and types (a hostile file could nest them without end)."""
         parser = self
@@ -203,14 +227,7 @@ class _Parser:
         opset = self.ident("an opset such as ios18")
         self.expect(">")
         self.expect("(")
-        inputs: list = []
-        if not self.accept(")"):
-            while True:
-                t = self.type()
-                inputs.append((self.ident("an input name"), t))
-                if self.accept(")"):
-                    break
-                self.expect(",", "or ')' between inputs")
+        inputs = self.items(")", lambda: (lambda t: (self.ident("an input name"), t))(self.type()), "inputs")
         if self.val == "[":
             self.attributes()
         self.expect("{")
@@ -218,24 +235,14 @@ class _Parser:
         while not self.accept("}"):
             operations.append(self.operation())
         self.expect("->", "and the function's outputs")
-        outputs = self.names()
+        self.expect("(")
+        outputs = self.items(")", lambda: self.ident("an output name"), "outputs")
         self.expect(";")
         names = [n for n, _ in inputs]
         if len(set(names)) != len(names):
             raise self.error(f"function {name!r} declares an input twice: {names}")
         return ir.Function(name=name, inputs=inputs, block=ir.Block(inputs=[], operations=operations, outputs=outputs),
                            opset=OPSETS.get(opset, opset))
-
-    def names(self) -> list[str]:
-        self.expect("(")
-        out = []
-        if not self.accept(")"):
-            while True:
-                out.append(self.ident("an output name"))
-                if self.accept(")"):
-                    break
-                self.expect(",")
-        return out
 
     def operation(self) -> ir.Op:
         outputs = []
@@ -252,17 +259,7 @@ class _Parser:
             self.expect("=", "after the op's outputs")
         op_type = self.ident("an op type")
         self.expect("(")
-        inputs: dict[str, list[ir.Arg]] = {}
-        if not self.accept(")"):
-            while True:
-                key = self.ident("an argument name")
-                self.expect("=")
-                if key in inputs:
-                    raise self.error(f"{op_type}: argument {key!r} given twice")
-                inputs[key] = self.bindings()
-                if self.accept(")"):
-                    break
-                self.expect(",", "or ')' between arguments")
+        inputs = self.keyed(")", self.bindings, "arguments")
         attributes = self.attributes() if self.val == "[" else {}
         if self.val == "{":
             raise self.error(f"{op_type} has a nested block (control flow), which the portable runtime does not run")
@@ -273,14 +270,7 @@ class _Parser:
 
     def bindings(self) -> list[ir.Arg]:
         if self.accept("("):  # a variadic input: (a, b, ...)
-            out = []
-            if not self.accept(")"):
-                while True:
-                    out.append(self.binding())
-                    if self.accept(")"):
-                        break
-                    self.expect(",")
-            return out
+            return self.items(")", self.binding, "values")
         return [self.binding()]
 
     def binding(self) -> ir.Arg:
@@ -290,18 +280,7 @@ class _Parser:
 
     def attributes(self) -> dict:
         self.expect("[")
-        out = {}
-        if not self.accept("]"):
-            while True:
-                key = self.ident("an attribute name")
-                self.expect("=")
-                if key in out:
-                    raise self.error(f"attribute {key!r} given twice")
-                out[key] = self.literal()
-                if self.accept("]"):
-                    break
-                self.expect(",", "or ']' between attributes")
-        return out
+        return self.keyed("]", self.literal, "attributes")
 
     # --- types -------------------------------------------------------------------------------------------------
     def type(self):
@@ -311,13 +290,7 @@ class _Parser:
                 dtype = self.dtype()
                 self.expect(",")
                 self.expect("[")
-                dims: list = []
-                if not self.accept("]"):
-                    while True:
-                        dims.append(self.dim())
-                        if self.accept("]"):
-                            break
-                        self.expect(",", "or ']' between dimensions")
+                dims = self.items("]", self.dim, "dimensions")
                 self.expect(">")
                 static = [d for d in dims if d is not None]
                 if static and int(np.prod(static, dtype=object)) > MAX_ELEMENTS:
@@ -402,17 +375,15 @@ class _Parser:
         self.expect(">")
         self.expect("(")
         self.expect("{")
-        out = {}
-        if not self.accept("}"):
-            while True:
-                self.expect("{")
-                key = self.literal()
-                self.expect(",")
-                out[str(key)] = self.literal()
-                self.expect("}")
-                if self.accept("}"):
-                    break
-                self.expect(",")
+
+        def pair():
+            self.expect("{")
+            key = self.literal()
+            self.expect(",")
+            value = self.literal()
+            self.expect("}")
+            return str(key), value
+        out = dict(self.items("}", pair, "entries"))
         self.expect(")")
         return out
 
@@ -434,19 +405,8 @@ class _Parser:
         """The values of a tensor literal, flattened in row-major order (nested brackets are accepted)."""
         with self.nested():
             self.expect("[")
-            out: list = []
-            if not self.accept("]"):
-                while True:
-                    if self.val == "[":
-                        out.extend(self.elements())
-                    else:
-                        out.append(self.element())
-                    if len(out) > MAX_ELEMENTS:
-                        raise self.error("a literal larger than any model holds")
-                    if self.accept("]"):
-                        break
-                    self.expect(",", "or ']' between values")
-            return out
+            rows = self.items("]", lambda: self.elements() if self.val == "[" else [self.element()], "values")
+            return [x for row in rows for x in row]
 
     def element(self):
         """One scalar of a literal: bare (`1`, `0x1p-1`, `"s"`, `true`) or typed (`fp16(0x1p-1)`)."""
@@ -487,14 +447,7 @@ class _Parser:
 
     def blobfile(self, t: ir.TensorType) -> ir.BlobRef:
         self.expect("(")
-        fields = {}
-        while True:
-            key = self.ident("path or offset")
-            self.expect("=")
-            fields[key] = self.literal()
-            if self.accept(")"):
-                break
-            self.expect(",")
+        fields = self.keyed(")", self.literal, "fields")
         if set(fields) != {"path", "offset"}:
             raise self.error(f"BLOBFILE needs exactly path and offset, found {sorted(fields)}")
         path, offset = fields["path"], np.asarray(fields["offset"])
