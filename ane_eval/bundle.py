@@ -65,7 +65,8 @@ def _read_meta(root: Path) -> tuple[dict, dict]:
             raise BundleError(f"{path}: model_info.parameters.{key} must be a file name, found {params[key]!r:.60}")
     for key in ("context_length", "batch_size", "num_chunks", "split_lm_head"):
         v = params.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) and not (isinstance(v, str) and v.isdigit())):
+        whole = isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and v.isdigit()
+        if v is not None and not whole:
             raise BundleError(f"{path}: model_info.parameters.{key} must be a whole number, found {v!r:.60}")
     return info, params
 

@@ -90,7 +90,8 @@ class _Printer:
         tensor_type = f"tensor<{dtype}, [{', '.join(str(d) for d in dims)}]>"
         if kind == "blobFileValue":
             path, offset = v.blobFileValue.fileName, v.blobFileValue.offset
-            return f"{tensor_type}(BLOBFILE(path = {self.scalar('string', path)}, offset = {self.scalar('uint64', offset)}))"
+            where = f"path = {self.scalar('string', path)}, offset = {self.scalar('uint64', offset)}"
+            return f"{tensor_type}(BLOBFILE({where}))"
         values = self.immediate(v.immediateValue.tensor, dtype, dims)
         if not dims:
             return self.scalar(dtype, values[0])

@@ -328,7 +328,8 @@ def test_compiled_only_directory_runs_like_the_packages(demo_dir, tmp_path):
         assert main(["run", "--model", str(d), "--tasks", "demo_boolq,demo_wikitext", "--limit", "6",
                      "--output-dir", str(out), "--log-samples"]) == 0
         result = json.loads(next(out.rglob("results_*.json")).read_text())
-        samples = {p.name.split("_20")[0]: [(s["doc_id"], s["resps"]) for s in map(json.loads, p.read_text().splitlines())]
+        samples = {p.name.split("_20")[0]: [(s["doc_id"], s["resps"])
+                                             for s in map(json.loads, p.read_text().splitlines())]
                    for p in out.rglob("samples_*.jsonl")}
         runs[name] = (result["results"], samples)
     assert runs["compiled"] == runs["packages"]

@@ -1,7 +1,8 @@
 """The runtime's own program representation, independent of how a program was stored.
 
-A front end (`frontends/proto.py` for `.mlpackage`/`.mlmodel` protobuf, `frontends/text.py` for the `model.mil` text of a
-compiled `.mlmodelc`) produces a `Program`; the interpreter only ever sees these classes. Values are numpy arrays; types carry the declared dtype and shape.
+A front end (`frontends/proto.py` for `.mlpackage`/`.mlmodel` protobuf, `frontends/text.py` for the `model.mil` text
+of a compiled `.mlmodelc`) produces a `Program`; the interpreter only ever sees these classes. Values are numpy
+arrays; types carry the declared dtype and shape.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 
 class ModelFormatError(ValueError):
     """A model file that cannot be read as a program: the message names the file and what is wrong."""
