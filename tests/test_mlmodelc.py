@@ -268,6 +268,8 @@ def _snippet(tmp_path):
     ("int32(-2)", "int32(4294967296)", "outside the range of int32"),
     ("tensor<fp16, [1, 4]> x", "tensor<fp16, [65536, 65536, 65536]> x", "more elements than any model holds"),
     ("program(1.3)", "programme(1.3)", "expected 'program'"),
+    ("tensor<int32, [2]>([2, 1])", "tensor<int32, [2]>(" + "[" * 40 + "2, 1" + "]" * 40 + ")", "nested deeper than 32"),
+    ("keep, tensor<fp16, [1, 4]> dropped = split", "keep, tensor<fp16, [1, 4]> dropped = split{", r"line 17: expected '\(', found '{'"),
 ])
 def test_corrupt_program_text(tmp_path, old, new, message):
     d = _snippet(tmp_path)

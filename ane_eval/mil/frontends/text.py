@@ -36,6 +36,7 @@ naming the file, the line and what was expected.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,7 @@ def _read_text(mil: Path) -> str:
     if size > MAX_BYTES:
         raise ModelFormatError(f"{mil}: {size} bytes, more than any program text ({MAX_BYTES}); not a model.mil")
     try:
-        return mil.read_bytes().decode("utf-8")
+        return mil.read_bytes().decode("utf-8-sig")  # a byte-order mark, if an editor added one, is not text
     except UnicodeDecodeError as e:
         raise ModelFormatError(f"{mil}: not UTF-8 text (byte {e.start}); the file is corrupt: re-export or "
                                "re-download the model") from None
@@ -183,19 +184,16 @@ class _Parser:
         self.items(close, pair, what)
         return out
 
+    @contextmanager
     def nested(self):
         """Bounds the recursion of nested literals and types (a hostile file could nest them without end)."""
-        parser = self
-
-        class _Level:
-            def __enter__(self):
-                parser.depth += 1
-                if parser.depth > MAX_NESTING:
-                    raise parser.error(f"values nested deeper than {MAX_NESTING} levels")
-
-            def __exit__(self, *exc):
-                parser.depth -= 1
-        return _Level()
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise self.error(f"values nested deeper than {MAX_NESTING} levels")
+        try:
+            yield
+        finally:
+            self.depth -= 1
 
     # --- program structure -------------------------------------------------------------------------------------
     def program(self) -> dict[str, ir.Function]:
