@@ -2,8 +2,10 @@
 
 A compiled model directory holds `model.mil` (the program as text), `metadata.json` (the interface CoreML shows:
 enumerated shapes, user metadata, see `metadata.py`), `weights/weight.bin` (the blob storage a package holds) and an
-opaque `coremldata.bin` that only CoreML reads. The grammar, from public programs written for Apple's compiler and
-from what the compiler emits (NOTES.md, "Compiled .mlmodelc directories"):
+opaque `coremldata.bin` that only CoreML reads. The grammar, from what the compiler emits (NOTES.md, "Compiled
+.mlmodelc directories") and from public programs written for Apple's compiler (MIL emitters of open ANE projects on
+GitHub, which hand this text to `coremlc`: the `program(1.3)` header and buildInfo, `BLOBFILE` constants, both
+forms of several outputs, `values = (a, b)` tuples, the `program(1.0)` LUT op with its parameters in the bracket):
 
     program(1.3)
     [buildInfo = dict<string, string>({{"coremlc-version", "3505.4.1"}})]
