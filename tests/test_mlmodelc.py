@@ -336,3 +336,16 @@ def test_compiled_only_directory_runs_like_the_packages(demo_dir, tmp_path):
         runs[name] = (result["results"], samples)
     assert runs["compiled"] == runs["packages"]
     assert runs["compiled"][0]["demo_boolq"]["acc,none"] > 0.5
+
+
+def test_flexible_input_with_ranges(tmp_path):
+    meta = json.loads(json.dumps(METADATA))
+    entry = meta[0]["functions"][0]["inputSchema"][0]
+    del entry["enumeratedShapes"]
+    entry["shapeRange"] = "[[1, 1], [1, -1]]"
+    d = compiled_dir(tmp_path / "ranges.mlmodelc", IOS18, {"W": np.zeros((4, 4), np.float16)}, meta)
+    main = mil.load(d, function_name="main")
+    assert main.input_description[0].ranges == ((1, 1), (1, -1))
+    assert main.predict({"ids": np.ones((1, 7), np.int32)})["doubled"].shape == (1, 7)
+    with pytest.raises(mil.InputError, match=r"expects \(1\.\.1, 1\.\.inf\) int32"):
+        main.predict({"ids": np.ones((2, 7), np.int32)})
