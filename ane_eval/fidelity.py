@@ -438,15 +438,15 @@ def gate_record(report: dict) -> dict:
             "model": {}}
 
 
-def check(report: dict, thresholds: dict):
-    """Gate rows of the thresholded metrics (`{mean_kld: {max: 0.05}, top1_agreement: 0.95}`)."""
+def check(report: dict, thresholds: dict, show=()):
+    """Gate rows of the thresholded metrics (`{mean_kld: {max: 0.05}, top1_agreement: 0.95}`) and of `show`."""
     from . import gate
 
     unknown = sorted(set(thresholds) - set(METRICS))
     if unknown:
         raise FidelityError(f"fidelity thresholds on unknown metrics {unknown}; known: {', '.join(METRICS)}")
     rows = gate.evaluate_gate("fidelity", gate_record(report), thresholds)
-    return [r for r in rows if r.metric in thresholds]
+    return [r for r in rows if r.metric in thresholds or r.metric in show]
 
 
 def format_report(report: dict) -> str:
