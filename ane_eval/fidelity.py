@@ -33,6 +33,7 @@ What it gives:
 from __future__ import annotations
 
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,7 +197,7 @@ class StoredReference:
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        except (ValueError, OSError, EOFError) as e:  # allow_pickle=False refuses object arrays with ValueError
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # object arrays: ValueError (no pickle)
             raise bad(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
         if str(arrays.get("format", "")) != REFERENCE_FORMAT:
             raise bad(f"format is not {REFERENCE_FORMAT!r}")
