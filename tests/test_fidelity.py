@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -233,3 +234,31 @@ def test_source_runs_are_cached(tmp_path):
     calls.clear()
     again = runner.evaluate(lm, ["demo_boolq"], tm, limit=5, use_cache=str(tmp_path / "cache"))
     assert calls == [] and again["results"]["demo_boolq"]["acc,none"] == first["results"]["demo_boolq"]["acc,none"]
+
+
+# --- the suite -------------------------------------------------------------------------------------------------------
+def test_suite_with_a_checkpoint_reference(tmp_path):
+    from tests.test_suite import suite
+
+    proc = suite("--reference", demo.checkpoint_dir(), "-k", "fidelity or demo_boolq or demo_wikitext",
+                 "--limit", 8, "--output-dir", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "3 passed" in proc.stdout
+    assert re.search(r"fidelity +mean_kld +\S+ ± \S+ +- +- +<= 0.001 ", proc.stdout)
+    assert re.search(r"demo_boolq +acc,none +1.0000 ± 0.0000 +1.0000 +\+0.0000 ", proc.stdout)
+    header = next(ln for ln in proc.stdout.splitlines() if ln.startswith("task "))
+    assert "source" in header and "Δ source" in header
+    assert "word_perplexity: paired over 8 documents, log-likelihood converted minus source" in proc.stdout
+    assert json.loads((tmp_path / "fidelity.json").read_text())["tokens"] == 656
+    assert list((tmp_path / "source-cache").glob("checkpoint-*_rank0.db"))
+
+
+def test_suite_with_a_stored_reference_and_a_broken_threshold(live, tmp_path):
+    from tests.test_suite import suite
+
+    s = tmp_path / "suite.yaml"
+    s.write_text("tasks: [demo_boolq]\nfidelity:\n  thresholds: {mean_kld: {max: 1.0e-9}, top1_agreement: 0.9}\n")
+    proc = suite("--reference", live["fp16"][1], "--suite", s, "-k", "fidelity", "--output-dir", tmp_path / "out")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "fidelity did not pass" in proc.stdout and "FAIL threshold" in proc.stdout
+    assert "stored reference" in proc.stdout and "Traceback" not in proc.stdout
