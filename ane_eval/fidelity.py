@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +172,7 @@ class CheckpointReference:
     def describe(self) -> str:
         return f"{self.path} (Hugging Face checkpoint, transformers fp32 on {self.device})"
 
-    def rows(self, inp: list[int], targets: list[int]) -> RefRows:
+    def rows(self, inp: list[int], targets: list[int], start: int) -> RefRows:
         torch = self._torch
         with torch.no_grad():
             logits = self.model(torch.tensor([inp], device=self.device)).logits[0, len(inp) - len(targets):]
@@ -235,18 +235,17 @@ class StoredReference:
         self.positions = n
         self.name = str(arrays["reference"])
         self.doc_tokens = [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
-        self._cursor = 0
 
     def describe(self) -> str:
         return f"{self.path} (stored reference of {self.name}: top-{self.top_k} of {self.vocab_size})"
 
-    def rows(self, inp: list[int], targets: list[int]) -> RefRows:
-        a, b = self._cursor, self._cursor + len(targets)
+    def rows(self, inp: list[int], targets: list[int], start: int) -> RefRows:
+        """The stored rows of scored positions start.. (checked against the model's targets)."""
+        a, b = start, start + len(targets)
         z = self.arrays
         if b > self.positions or z["targets"][a:b].tolist() != list(targets):
             raise FidelityError(f"{self.path}: the model's windows do not match the stored ones at positions {a}.."
                                 f"{b - 1}; the reference was made with another tokenizer or window")
-        self._cursor = b
         return RefRows(z["top_logprobs"][a:b], z["top_ids"][a:b].astype(np.int64), z["tail_logmass"][a:b],
                        z["logsumexp"][a:b], z["target_logprob"][a:b], z["argmax"][a:b])
 
@@ -295,7 +294,6 @@ class Plan:
     vocab_size: int
     tokens: int = 0
     model_name: str = ""
-    notes: list = field(default_factory=list)
 
     def describe(self) -> str:
         return (f"scoring {self.tokens} tokens of {len(self.docs)} document(s) in {len(self.windows)} window(s) of "
@@ -361,7 +359,7 @@ def run(plan: Plan, save: str | None = None, top_k: int = DEFAULT_TOP_K, progres
     "positions". With `save`, the reference's rows are written as a stored reference."""
     from tqdm import tqdm
 
-    parts, kept = [], []
+    parts, kept, scored = [], [], 0
     psnr = {"sq_err": 0.0, "count": 0, "peak": 0.0, "width": None}
     with tqdm(total=plan.tokens, desc="fidelity", unit="tok", disable=not progress or None) as bar:
         for ctx, cont in plan.windows:
@@ -371,7 +369,8 @@ def run(plan: Plan, save: str | None = None, top_k: int = DEFAULT_TOP_K, progres
                 rows.append(row)
                 bar.update(1)
             inp = (ctx + cont)[-(plan.window + 1):][:-1]
-            ref = plan.reference.rows(inp, targets)
+            ref = plan.reference.rows(inp, targets, scored)
+            scored += len(targets)
             logits = np.stack(rows)
             if logits.shape[1] != plan.vocab_size:
                 raise FidelityError(f"the model returned {logits.shape[1]} logits, expected {plan.vocab_size}")
@@ -456,11 +455,12 @@ def format_report(report: dict) -> str:
         se = report.get(f"{key}_stderr")
         return f"{x:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
 
+    ceiling = report["mean_kld"] + report["kld_error_bound"]
     lines = [f"fidelity of {report['model']} against {report['reference']}",
              f"{report['tokens']} tokens ({report['documents']} document(s), {report['windows']} window(s) of "
              f"{report['window']}; {report['infer_calls']} infer calls)",
-             f"  mean KLD        {v('mean_kld')}" + (f"   (full KLD at most {report['mean_kld'] + report['kld_error_bound']:.6f}:"
-                                                      " stored top-k)" if report["kld_error_bound"] else ""),
+             f"  mean KLD        {v('mean_kld')}" + (f"   (full KLD at most {ceiling:.6f}: stored top-k)"
+                                                      if report["kld_error_bound"] else ""),
              f"  median KLD      {v('median_kld')}", f"  p90 KLD         {v('p90_kld')}",
              f"  p99 KLD         {v('p99_kld')}", f"  max KLD         {v('max_kld')}",
              f"  top-1 agreement {v('top1_agreement', 4)}",
