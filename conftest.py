@@ -30,3 +30,11 @@ def pytest_addoption(parser):
                 help="write the baseline (to --baseline, else OUTPUT_DIR/baseline.json) if the run passed")
     g.addoption("--allow-missing-data", action="store_true",
                 help="skip (instead of fail) tasks whose dataset cannot be reached")
+    # fidelity against the source model (ane_eval/fidelity.py; evals/test_fidelity.py, tasks' source columns)
+    g.addoption("--reference", default=None, metavar="REF",
+                help="the source Hugging Face checkpoint (adds test_fidelity and runs every task on it with "
+                     "lm-eval's HF backend, cached) or a reference file from `ane-eval fidelity --save-reference`")
+    g.addoption("--fidelity-text", action="append", default=[], metavar="FILE",
+                help="text scored by test_fidelity (repeatable; default: the suite's fidelity: text)")
+    g.addoption("--fidelity-max-tokens", type=int, default=None,
+                help="tokens scored by test_fidelity, one infer each (default: the suite's fidelity: max_tokens)")

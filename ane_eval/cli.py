@@ -3,6 +3,9 @@
     ane-eval run --model DIR --tasks a,b [...]   evaluate (upstream runner's options), resumable with --use-cache
     ane-eval inspect DIR [--json]                what is inside a model directory, with consistency verdicts
     ane-eval compare A B [--json]                two results; exit status 1 on a regression (for CI)
+    ane-eval fidelity --model DIR --reference REF --text FILE [--json]
+                                                 per-token divergence from the source checkpoint (exit 1 past a
+                                                 --max-kld / --min-top1 threshold)
 
 `demo` stands for the embedded demo model wherever a model directory is expected.
 Bad input gives one line and exit status 2 (`--debug` shows the traceback).
@@ -69,7 +72,7 @@ def cmd_compare(args) -> int:
 
     before, _ = gate.load_records(args.a)
     now, _ = gate.load_records(args.b)
-    rows = gate.compare(before, now, tolerance=args.tolerance, z=args.z)
+    rows = gate.compare(before, now, tolerance=args.tolerance, z=args.z, relative_tolerance=args.relative_tolerance)
     regressed = any(r.failed for r in rows)
     if args.json:
         print(json.dumps({"regression": regressed, "rows": [r.__dict__ for r in rows]}, indent=2))
@@ -77,6 +80,46 @@ def cmd_compare(args) -> int:
         print(gate.format_table(rows))
         print(f"\n{'REGRESSION' if regressed else 'no regression'}: B ({args.b}) against A ({args.a})")
     return 1 if regressed else 0
+
+
+def cmd_fidelity(args) -> int:
+    from . import fidelity
+    from .model import load_model
+
+    reference = fidelity.load_reference(args.reference, device=args.device)
+    if args.save_reference and reference.stored:
+        raise fidelity.FidelityError(f"--save-reference needs a checkpoint reference; {args.reference} is already "
+                                     "a stored reference")
+    texts = [fidelity.read_text(f) for f in args.text]
+    thresholds = {}
+    if args.max_kld is not None:
+        thresholds["mean_kld"] = {"max": args.max_kld}
+    if args.min_top1 is not None:
+        thresholds["top1_agreement"] = {"min": args.min_top1}
+    model = load_model(resolve_model(args.model), backend=args.backend, precision=args.precision,
+                       compute_units=args.compute_units)
+    plan = fidelity.plan(model, reference, texts, args.max_tokens)
+    print(f"ane-eval: {plan.describe()}", file=sys.stderr)
+    report = fidelity.run(plan, save=args.save_reference, top_k=args.top_k)
+    rows = fidelity.check(report, thresholds)
+    failed = [r.metric for r in rows if r.failed]
+    doc = {**fidelity.json_report(report), "thresholds": thresholds, "failed": failed}
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fidelity.json").write_text(json.dumps(doc, indent=2) + "\n")
+        import numpy as np
+        np.savez_compressed(out / "fidelity_positions.npz", **report["positions"])
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(fidelity.format_report(report))
+        if rows:
+            from .gate import format_table
+            print("\n" + format_table(rows))
+    if args.save_reference:
+        print(f"ane-eval: reference written to {args.save_reference}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,8 +156,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="the run to check")
     p.add_argument("--tolerance", type=float, default=0.01, help="smallest fall that counts (absolute)")
     p.add_argument("--z", type=float, default=1.96, help="multiplier of the combined standard error")
+    p.add_argument("--relative-tolerance", type=float, default=0.01,
+                   help="smallest rise of a perplexity-type metric that counts (relative; default 0.01 = 1%%)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("fidelity", help="per-token divergence (KLD, top-1, PPL ratio, Δp) from the source "
+                                        "checkpoint; cost: one infer per scored token")
+    p.add_argument("--model", required=True, help="ANEMLL model directory, or 'demo'")
+    p.add_argument("--reference", required=True, metavar="REF",
+                   help="the source Hugging Face checkpoint directory, or a file written with --save-reference")
+    p.add_argument("--text", action="append", default=[], metavar="FILE",
+                   help="UTF-8 text to score, one document per file (repeatable; a stored reference holds its own)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most N tokens (N infer calls)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--output-dir", default=None, help="write fidelity.json and per-position fidelity_positions.npz")
+    p.add_argument("--save-reference", default=None, metavar="FILE",
+                   help="also write the checkpoint's top-k log-probabilities per position (for runs without it)")
+    p.add_argument("--top-k", type=int, default=64, help="tokens per position kept by --save-reference (default 64)")
+    p.add_argument("--max-kld", type=float, default=None, help="exit 1 if the mean KLD exceeds this")
+    p.add_argument("--min-top1", type=float, default=None, help="exit 1 if the top-1 agreement is below this")
+    p.add_argument("--device", default=None, help="torch device of the checkpoint (default: mps on a Mac, else cpu)")
+    p.add_argument("--backend", default="auto", choices=["auto", "coreml", "mil"])
+    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"], help="portable runtime numerics")
+    p.add_argument("--compute-units", default="CPU_AND_NE", help="CoreML compute units")
+    p.set_defaults(func=cmd_fidelity)
     return parser
 
 

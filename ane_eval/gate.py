@@ -2,8 +2,12 @@
 
 A task's *record* is what a baseline keeps of a run: metric values and standard errors, the task version, the
 few-shot count, the limit, the model files' fingerprint, and per-document correctness for item flips.
-A metric regresses when it falls by more than max(tolerance, z * sqrt(se_base² + se_now²)) — lm-eval's own
-comparison statistic, with a floor for metrics whose stderr is unknown.
+An accuracy-type metric regresses when it falls by more than max(tolerance, z * sqrt(se_base² + se_now²)) —
+lm-eval's own comparison statistic, with a floor for metrics whose stderr is unknown. A perplexity-type metric
+(lm-eval reports no stderr for them) regresses when it rises by more than max(relative_tolerance * baseline, the
+noise band of the paired per-document test): where both sides have samples, the documents' log-likelihood
+differences d_i (units u_i: words or bytes) give r = sum d / sum u with the ratio-estimator standard error
+sqrt(n / (n - 1) * sum (d_i - r u_i)²) / sum u, and the band is z of those errors in the metric's units.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 BASELINE_FORMAT = "ane-eval-baseline/1"
 DEFAULT_Z = 1.96
 DEFAULT_TOLERANCE = 0.01
+DEFAULT_RELATIVE_TOLERANCE = 0.01  # perplexity-type metrics: a 1% rise
 
 
 class GateError(ValueError):
@@ -49,7 +54,71 @@ def task_record(results: dict, task: str, *, limit=None, model: dict | None = No
     }
     if samples:
         record["items"] = item_scores(samples)
+        pairs = doc_loglikelihoods(samples)
+        if pairs:
+            record["loglikelihoods"] = pairs
     return record
+
+
+def is_perplexity(metric: str) -> bool:
+    return metric.split(",", 1)[0].endswith(("perplexity", "bits_per_byte"))
+
+
+def doc_loglikelihoods(samples: list[dict]) -> dict:
+    """metric -> doc_id -> [log-likelihood, units] for perplexity-type metrics: lm-eval's rolling tasks log
+    (loglikelihood, words|bytes) per document; `perplexity` of loglikelihood tasks logs the bare value (1 unit)."""
+    out: dict = {}
+    for s in samples:
+        for k, v in s.items():
+            if not is_perplexity(k):
+                continue
+            if isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(x) is not None for x in v):
+                pair = [float(v[0]), float(v[1])]
+            elif _number(v) is not None and not isinstance(v, bool):
+                pair = [float(v), 1.0]
+            else:
+                continue
+            out.setdefault(k, {})[str(s["doc_id"])] = pair
+    return out
+
+
+@dataclass
+class Paired:
+    """Paired per-document comparison of log-likelihoods: r = sum(ll_now - ll_before) / sum(units)."""
+    n: int
+    r: float
+    se: float | None
+
+    def note(self, metric: str, before: str, now: str) -> str:
+        unit = {"word_perplexity": "word", "byte_perplexity": "byte", "bits_per_byte": "byte"}.get(metric, "doc")
+        se = "" if self.se is None else f" ± {self.se:.4g}"
+        z = "" if not self.se else f", z {self.r / self.se:+.2f}"
+        return (f"{metric}: paired over {self.n} documents, log-likelihood {now} minus {before}: "
+                f"{self.r:+.4g}{se} per {unit}{z}")
+
+
+def paired_loglikelihoods(now: dict, before: dict, metric: str) -> Paired | None:
+    a = (before.get("loglikelihoods") or {}).get(metric)
+    b = (now.get("loglikelihoods") or {}).get(metric)
+    if not a or not b:
+        return None
+    docs = sorted(set(a) & set(b))
+    if not docs:
+        return None
+    d = [b[k][0] - a[k][0] for k in docs]
+    u = [a[k][1] for k in docs]
+    total = sum(u)
+    if total <= 0:
+        return None
+    r = sum(d) / total
+    n = len(docs)
+    se = math.sqrt(n / (n - 1) * sum((di - r * ui) ** 2 for di, ui in zip(d, u))) / total if n > 1 else None
+    return Paired(n, r, se)
+
+
+def _metric_se(metric: str, base: float, se_r: float) -> float:
+    """A standard error of the per-unit log-likelihood in the metric's units (delta method)."""
+    return abs(base) * se_r if metric.endswith("perplexity") else se_r / math.log(2)
 
 
 def item_scores(samples: list[dict]) -> dict:
@@ -78,6 +147,8 @@ class Row:
     allowed: float | None = None  # the fall the gate tolerates
     verdict: str = "pass"
     notes: list = field(default_factory=list)
+    source: float | None = None  # the source checkpoint's value (pytest evals --reference)
+    source_delta: float | None = None
 
     @property
     def failed(self) -> bool:
@@ -106,9 +177,14 @@ def check_compatible(now: dict, base: dict, task: str) -> None:
         raise GateError(f"{task}: refusing to compare with a baseline made differently: " + "; ".join(problems))
 
 
+def _tolerance(tolerance, metric: str, name: str, default: float) -> float:
+    return tolerance.get(metric, tolerance.get(name, default)) if isinstance(tolerance, dict) else tolerance
+
+
 def evaluate_gate(task: str, record: dict, thresholds: dict | None = None, baseline: dict | None = None,
                   tolerance: float | dict = DEFAULT_TOLERANCE, z: float = DEFAULT_Z,
-                  check_model: bool = True) -> list[Row]:
+                  check_model: bool = True,
+                  relative_tolerance: float | dict = DEFAULT_RELATIVE_TOLERANCE) -> list[Row]:
     """One row per metric: threshold verdict, then regression verdict against the baseline record."""
     thresholds = thresholds or {}
     if baseline is not None:
@@ -132,27 +208,70 @@ def evaluate_gate(task: str, record: dict, thresholds: dict | None = None, basel
             b = baseline["metrics"][metric]
             row.baseline, row.baseline_stderr = b["value"], b.get("stderr")
             row.delta = m["value"] - b["value"]
-            tol = tolerance.get(metric, tolerance.get(name, DEFAULT_TOLERANCE)) if isinstance(tolerance, dict) \
-                else tolerance
-            se = math.sqrt((m.get("stderr") or 0.0) ** 2 + (b.get("stderr") or 0.0) ** 2)
-            row.combined_se = se
-            row.z = row.delta / se if se > 0 else None
-            row.allowed = max(tol, z * se)
+            if is_perplexity(metric):
+                _perplexity_rule(row, name, record, baseline,
+                                 _tolerance(relative_tolerance, metric, name, DEFAULT_RELATIVE_TOLERANCE), z)
+            else:
+                tol = _tolerance(tolerance, metric, name, DEFAULT_TOLERANCE)
+                se = math.sqrt((m.get("stderr") or 0.0) ** 2 + (b.get("stderr") or 0.0) ** 2)
+                row.combined_se = se
+                row.z = row.delta / se if se > 0 else None
+                row.allowed = max(tol, z * se)
             fall = -row.delta if higher else row.delta
             if fall > row.allowed and not row.failed:
                 row.verdict = "FAIL regression"
             elif fall > row.allowed:
                 row.verdict += " + regression"
-            if "items" in record and "items" in baseline and name in _item_metrics(record):
-                lost, gained = flips(record["items"], baseline["items"], name)
-                if lost or gained:
-                    row.notes.append(f"{name}: {len(lost)} right before, wrong now"
-                                     + (f" (docs {', '.join(lost[:10])}{'…' if len(lost) > 10 else ''})" if lost else "")
-                                     + f"; {len(gained)} wrong before, right now"
-                                     + (f" (docs {', '.join(gained[:10])}{'…' if len(gained) > 10 else ''})"
-                                        if gained else ""))
+            row.notes += _item_notes(record, baseline, name, "before", "now")
         rows.append(row)
     return rows
+
+
+def _perplexity_rule(row: Row, name: str, record: dict, baseline: dict, rel_tol: float, z: float) -> None:
+    """Lower is better; the fall allowed is max(rel_tol * baseline, z paired standard errors) in metric units."""
+    base = row.baseline
+    row.allowed = rel_tol * abs(base)
+    paired = paired_loglikelihoods(record, baseline, name)
+    if paired is not None and paired.se:
+        row.combined_se = _metric_se(name, base, paired.se)
+        row.z = row.delta / row.combined_se if row.combined_se > 0 else None
+        band = abs(base) * math.expm1(z * paired.se) if name.endswith("perplexity") else z * paired.se / math.log(2)
+        row.allowed = max(row.allowed, band)
+    if base:
+        row.notes.append(f"{name}: {row.delta / base:+.2%} relative (allowed rise {row.allowed / abs(base):.2%})"
+                         + (f"; {paired.note(name, 'before', 'now')}" if paired else "; no per-document samples "
+                            "for a paired test"))
+
+
+def _item_notes(now: dict, before: dict, name: str, then: str, later: str) -> list[str]:
+    """Per-document flips of a binary metric, as one note."""
+    if not ("items" in now and "items" in before and name in _item_metrics(now)):
+        return []
+    lost, gained = flips(now["items"], before["items"], name)
+    if not (lost or gained):
+        return []
+
+    def docs(ids):
+        return f" (docs {', '.join(ids[:10])}{'…' if len(ids) > 10 else ''})" if ids else ""
+    return [f"{name}: {len(lost)} right {then}, wrong {later}{docs(lost)}; "
+            f"{len(gained)} wrong {then}, right {later}{docs(gained)}"]
+
+
+def against_source(rows: list[Row], record: dict, source: dict) -> None:
+    """Annotate rows with the source checkpoint's value, the delta, flipped documents and, for perplexity-type
+    metrics, the paired per-document test (informational: thresholds and baselines decide the verdict)."""
+    for row in rows:
+        s = source.get("metrics", {}).get(row.metric)
+        if s is None:
+            continue
+        name = row.metric.split(",", 1)[0]
+        row.source = s["value"]
+        row.source_delta = row.value - s["value"]
+        row.notes += _item_notes(record, source, name, "in the source", "after conversion")
+        if is_perplexity(row.metric):
+            paired = paired_loglikelihoods(record, source, name)
+            if paired is not None:
+                row.notes.append(paired.note(name, "source", "converted"))
 
 
 def _item_metrics(record: dict) -> set:
@@ -173,20 +292,28 @@ def flips(now: dict, before: dict, metric: str) -> tuple[list[str], list[str]]:
     return lost, gained
 
 
+def _num(v, sign: str = "") -> str:
+    if v is None:
+        return "-"
+    if v != 0 and abs(v) < 5e-5:  # would print as 0.0000 (fidelity's KLD lives there)
+        return f"{v:{sign}.2e}"
+    return f"{v:{sign}.4f}" if abs(v) < 1000 else f"{v:{sign}.1f}"
+
+
 def _fmt(v, stderr=None) -> str:
     if v is None:
         return "-"
-    s = f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
-    return s + (f" ± {stderr:.4f}" if stderr is not None else "")
+    return _num(v) + (f" ± {_num(stderr)}" if stderr is not None else "")
 
 
 def format_table(rows: list[Row], markdown: bool = False) -> str:
-    header = ["task", "metric", "value ± stderr", "threshold", "baseline", "delta", "combined se", "z",
-              "allowed fall", "verdict"]
-    body = [[r.task, r.metric, _fmt(r.value, r.stderr), r.threshold or "-", _fmt(r.baseline, r.baseline_stderr),
-             "-" if r.delta is None else f"{r.delta:+.4f}", "-" if r.combined_se is None else f"{r.combined_se:.4f}",
-             "-" if r.z is None else f"{r.z:+.2f}", "-" if r.allowed is None else f"{r.allowed:.4f}",
-             r.verdict] for r in rows]
+    with_source = any(r.source is not None for r in rows)
+    header = ["task", "metric", "value ± stderr", *(["source", "Δ source"] if with_source else []), "threshold",
+              "baseline", "delta", "combined se", "z", "allowed fall", "verdict"]
+    body = [[r.task, r.metric, _fmt(r.value, r.stderr),
+             *([_fmt(r.source), _num(r.source_delta, "+")] if with_source else []),
+             r.threshold or "-", _fmt(r.baseline, r.baseline_stderr), _num(r.delta, "+"), _num(r.combined_se),
+             "-" if r.z is None else f"{r.z:+.2f}", _num(r.allowed), r.verdict] for r in rows]
     notes = [n for r in rows for n in r.notes]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -268,7 +395,8 @@ def load_records(path) -> tuple[dict, dict]:
     return records, model
 
 
-def compare(a: dict, b: dict, tolerance: float | dict = DEFAULT_TOLERANCE, z: float = DEFAULT_Z) -> list[Row]:
+def compare(a: dict, b: dict, tolerance: float | dict = DEFAULT_TOLERANCE, z: float = DEFAULT_Z,
+            relative_tolerance: float | dict = DEFAULT_RELATIVE_TOLERANCE) -> list[Row]:
     """B (now) against A (before), per shared task; model files may differ (that is what compare is for), task
     version, few-shot count and limit may not."""
     rows = []
@@ -276,5 +404,6 @@ def compare(a: dict, b: dict, tolerance: float | dict = DEFAULT_TOLERANCE, z: fl
     if not shared:
         raise GateError(f"no task in common (A has {sorted(a)}, B has {sorted(b)})")
     for task in shared:
-        rows += evaluate_gate(task, b[task], None, a[task], tolerance, z, check_model=False)
+        rows += evaluate_gate(task, b[task], None, a[task], tolerance, z, check_model=False,
+                              relative_tolerance=relative_tolerance)
     return rows

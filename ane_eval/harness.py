@@ -153,9 +153,9 @@ class ANELM(TemplateLM):
                                                   continue_final_message=not add_generation_prompt)
 
     # --- scoring ---------------------------------------------------------------------------------------------
-    def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-        if not continuation:
-            return 0.0, True
+    def continuation_logits(self, context: list[int], continuation: list[int]):
+        """(target, logits row) for each continuation token, lazily: the model's next-token logits at every scored
+        position of HFLM's input `(context + continuation)[-(max_length + 1):][:-1]`."""
         if len(continuation) > self.max_length:
             raise ValueError(f"a continuation of {len(continuation)} tokens cannot be scored within the "
                              f"{self.max_length}-token context")
@@ -165,13 +165,22 @@ class ANELM(TemplateLM):
         inp = full[:-1]
         first = len(inp) - len(continuation)
         self.cache.feed(inp, first)
-        total, greedy = 0.0, True
         for p in range(first, len(inp)):
-            row = self.cache.logits(inp, p)
-            target = full[p + 1]
+            yield full[p + 1], self.cache.logits(inp, p)
+
+    def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        if not continuation:
+            return 0.0, True
+        total, greedy = 0.0, True
+        for target, row in self.continuation_logits(context, continuation):
             total += log_softmax_at(row, target)
             greedy = greedy and int(row.argmax()) == target
         return total, greedy
+
+    def rolling_windows(self, tokens: list[int]) -> list[tuple[list[int], list[int]]]:
+        """lm-eval's disjoint rolling windows of a token sequence (prefix token first): every token scored once."""
+        return [make_disjoint_window(w) for w in get_rolling_token_windows(
+            token_list=list(tokens), prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         # shared prefixes adjacent: lexicographic order of the (truncated) input tokens
@@ -191,9 +200,7 @@ class ANELM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="ane rolling loglikelihood"):
-            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
-                max_seq_len=self.max_length, context_len=1)]
+            windows = self.rolling_windows(self.tok_encode(string))
             scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows], disable_tqdm=True)
             total = sum(s for s, _ in scores)
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)

@@ -34,6 +34,11 @@ class Session:
             self.tasks = [self.suite.spec(n.strip()) for n in names.replace(",", " ").split()]
         else:
             self.tasks = list(self.suite.tasks)
+        self.reference = opt("reference")
+        fid = self.suite.fidelity
+        self.fidelity_texts = [Path(t) for t in opt("fidelity_text")] or fid.get("text", [])
+        self.fidelity_max_tokens = opt("fidelity_max_tokens") or fid.get("max_tokens")
+        self.fidelity_thresholds = fid.get("thresholds", {})
         self.rows: list = []
         self.records: dict = {}
         self.failed = False
@@ -148,6 +153,41 @@ def task_manager(ane_session):
     from ane_eval.runner import task_manager as make
 
     return make(ane_session.include_paths)
+
+
+@pytest.fixture(scope="session")
+def fidelity_reference(ane_session):
+    """The --reference (checkpoint or stored file), loaded once; None without --reference."""
+    if not ane_session.reference:
+        return None
+    from ane_eval import fidelity
+
+    try:
+        return fidelity.load_reference(ane_session.reference)
+    except fidelity.FidelityError as e:
+        _stop(e)
+
+
+@pytest.fixture(scope="session")
+def source_lm(fidelity_reference, ane_model, ane_session):
+    """lm-eval's own HF backend on the reference checkpoint (None without one), with the model's context as its
+    max_length so requests truncate and roll identically, and the cache path for lm-eval's CachingLM (keyed by
+    the checkpoint's files: a rerun on the same checkpoint costs no model call)."""
+    if fidelity_reference is None or fidelity_reference.stored:
+        return None
+    import hashlib
+
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    ref = fidelity_reference
+    tokenizer = AutoTokenizer.from_pretrained(ref.path, local_files_only=True, trust_remote_code=False)
+    lm = HFLM(pretrained=ref.model, tokenizer=tokenizer, batch_size=1, max_length=ane_model.context_length)
+    h = hashlib.sha256(f"{ane_model.context_length} fp32 {ref.device}".encode())
+    for f in sorted(p for p in ref.path.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(ref.path)} {st.st_size} {st.st_mtime_ns}".encode())
+    return lm, str(ane_session.output_dir / "source-cache" / f"{ref.path.name}-{h.hexdigest()[:16]}")
 
 
 @pytest.fixture()
