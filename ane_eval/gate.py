@@ -173,7 +173,7 @@ def flips(now: dict, before: dict, metric: str) -> tuple[list[str], list[str]]:
     return lost, gained
 
 
-def _fmt(v, stderr=None) -> str:
+def format_value(v, stderr=None) -> str:
     if v is None:
         return "-"
     s = f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
@@ -183,7 +183,8 @@ def _fmt(v, stderr=None) -> str:
 def format_table(rows: list[Row], markdown: bool = False) -> str:
     header = ["task", "metric", "value ± stderr", "threshold", "baseline", "delta", "combined se", "z",
               "allowed fall", "verdict"]
-    body = [[r.task, r.metric, _fmt(r.value, r.stderr), r.threshold or "-", _fmt(r.baseline, r.baseline_stderr),
+    body = [[r.task, r.metric, format_value(r.value, r.stderr), r.threshold or "-",
+             format_value(r.baseline, r.baseline_stderr),
              "-" if r.delta is None else f"{r.delta:+.4f}", "-" if r.combined_se is None else f"{r.combined_se:.4f}",
              "-" if r.z is None else f"{r.z:+.2f}", "-" if r.allowed is None else f"{r.allowed:.4f}",
              r.verdict] for r in rows]
@@ -219,12 +220,14 @@ def write_baseline(path, records: dict, model: dict) -> Path:
     return path
 
 
-def write_summary(path, rows: list[Row], model: dict, backend: str) -> Path:
+def write_summary(path, rows: list[Row], model: dict, backend: str, images=()) -> Path:
+    """summary.md: the verdict table, then the report's plots (PNG files next to it, linked by name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     verdict = "FAILED" if any(r.failed for r in rows) else "passed"
     text = (f"# ane-eval summary: {verdict}\n\nmodel: `{model.get('name')}` ({model.get('path')}), fingerprint "
             f"`{str(model.get('fingerprint'))[:12]}`, backend: {backend}\n\n" + format_table(rows, markdown=True) + "\n")
+    text += "".join(f"\n![{Path(p).stem}]({Path(p).name})\n" for p in images)
     path.write_text(text)
     return path
 
