@@ -72,21 +72,31 @@ def plot_metrics(data: ReportData):
                              gridspec_kw={"height_ratios": heights})
     for ax, (metric, rows) in zip(axes[:, 0], by_metric.items()):
         ys = range(len(rows))
+        spans = []  # every drawn x, to fit the axis
         for y, r in zip(ys, rows):
+            spans += [r.value - 1.96 * (r.stderr or 0), r.value + 1.96 * (r.stderr or 0)]
             ax.errorbar(r.value, y, xerr=1.96 * (r.stderr or 0), fmt="o", color=COLORS["metrics"], capsize=4,
                         label="this run" if y == 0 else None)
             if r.baseline is not None:
                 ax.errorbar(r.baseline, y - 0.25, xerr=1.96 * (r.baseline_stderr or 0), fmt="s", ms=5,
                             color=BASELINE_COLOR, capsize=3, label="baseline" if y == 0 else None)
+                spans += [r.baseline - 1.96 * (r.baseline_stderr or 0), r.baseline + 1.96 * (r.baseline_stderr or 0)]
             ref = _reference(data, r.task, r.metric)
             if ref is not None:
                 ax.plot(ref, y + 0.25, "D", color=REFERENCE_COLOR, ms=6, label="reference model" if y == 0 else None)
+                spans.append(ref)
             bound = _threshold(r.threshold)
             if bound is not None:
                 ax.plot([bound, bound], [y - 0.4, y + 0.4], color="black", lw=2, label="threshold" if y == 0 else None)
+                spans.append(bound)
             if r.failed:
                 ax.annotate(r.verdict, (r.value, y), xytext=(6, 6), textcoords="offset points", color="#b00000",
                             fontsize=8)
+        # at least 2% of the value wide: identical runs must not zoom into float noise
+        lo, hi = min(spans), max(spans)
+        pad = max(0.08 * (hi - lo), 0.02 * max(abs(lo), abs(hi)), 1e-6)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.ticklabel_format(axis="x", useOffset=False, style="plain")
         ax.set_yticks(list(ys), [r.task for r in rows])
         ax.set_ylim(len(rows) - 0.5, -0.5)
         ax.set_title(metric, fontsize=10, loc="left")
@@ -102,23 +112,20 @@ def plot_metrics(data: ReportData):
 
 
 def _doc_matrix(data: ReportData):
-    """(task label, [state per document]) for each task's first per-document metric; states 0 wrong, 1 right,
-    2 right before and wrong now, 3 wrong before and right now."""
+    """(task and metric label, [state per document]) for every per-document metric of every task; states 0 wrong,
+    1 right, 2 right before and wrong now, 3 wrong before and right now."""
     lanes = []
     for task, record in data.records.items():
         items = record.get("items") or {}
-        if not items:
-            continue
-        metric = next(iter(next(iter(items.values()))))
         before = ((data.baseline or {}).get(task) or {}).get("items") or {}
         docs = sorted(items, key=lambda d: (len(d), d))
-        states = []
-        for d in docs:
-            now, old = items[d].get(metric), (before.get(d) or {}).get(metric)
-            states.append(2 if old == 1 and now == 0 else 3 if old == 0 and now == 1 else int(now == 1))
-        lost, gained = states.count(2), states.count(3)
-        label = f"{task} {metric}" + (f"  (-{lost} / +{gained})" if before else "")
-        lanes.append((label, states))
+        for metric in dict.fromkeys(m for scores in items.values() for m in scores):
+            states = []
+            for d in docs:
+                now, old = items[d].get(metric), (before.get(d) or {}).get(metric)
+                states.append(2 if old == 1 and now == 0 else 3 if old == 0 and now == 1 else int(now == 1))
+            label = f"{task} {metric}" + (f"  (-{states.count(2)} / +{states.count(3)})" if before else "")
+            lanes.append((label, states))
     return lanes
 
 
