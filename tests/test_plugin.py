@@ -25,13 +25,41 @@ def SKIP(directory, names):
     top = {"build", "dist", "results"} & set(names) if Path(directory) == ROOT else set()
     return set(_SKIP(directory, names)) | top
 
-pytestmark = pytest.mark.slow  # builds a wheel and a venv, runs the suite twice (~1-2 min on 2 cores)
+slow = pytest.mark.slow  # builds a wheel and a venv, runs the suite twice (~1-3 min on 2 cores)
 
 
 def run(cmd, cwd, timeout=900):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     return subprocess.run([str(c) for c in cmd], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**env, "TQDM_DISABLE": "1"})
+
+
+def entry_point() -> tuple[str, str]:
+    import tomllib
+
+    ((name, target),) = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"][
+        "pytest11"].items()
+    return name, target
+
+
+@pytest.mark.parametrize("same_name", [True, False], ids=["entry-point-name", "other-name"])
+def test_root_conftest_and_entry_point_register_the_options_once(tmp_path, same_name):
+    """The plugin installed (an entry point found by importlib.metadata, as pip would write it) plus the clone's
+    root conftest: pytest --help works and lists --model-dir once. Under any other entry-point name pytest
+    refuses the second registration of the module — what the shared name prevents."""
+    name, target = entry_point()
+    dist = tmp_path / "installed-0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: installed\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text(f"[pytest11]\n{name if same_name else 'ane_eval'} = {target}\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--help", "-p", "no:cacheprovider"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])})
+    if same_name:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.count("--model-dir=MODEL_DIR") == 1
+    else:
+        assert "already registered" in proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +84,7 @@ def venv(tmp_path_factory) -> Path:
     return env
 
 
+@slow
 def test_installed_suite_runs_from_an_empty_directory(venv, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -66,6 +95,7 @@ def test_installed_suite_runs_from_an_empty_directory(venv, tmp_path):
     assert (empty / "out" / "report.html").is_file() and (empty / "out" / "summary.md").is_file()
 
 
+@slow
 def test_users_own_tests_use_the_fixtures(venv, tmp_path):
     (tmp_path / "test_mine.py").write_text('''
 import numpy as np
@@ -88,6 +118,7 @@ def test_floor_too_high_fails(ane_task):
     assert "FAIL threshold" in (tmp_path / "out" / "summary.md").read_text()
 
 
+@slow
 def test_clone_with_the_plugin_installed_registers_options_once(venv, tmp_path):
     """The root conftest.py loads the plugin by the entry point's name; pytest skips it, so no 'option names
     already added' error, and --help lists --model-dir once."""
