@@ -169,8 +169,8 @@ def wikitext_item(rng: random.Random) -> dict:
 
 # --- harder items: the same shapes with more to read, more steps and distractors ----------------------------
 # The demo model was trained only on the items above; these combine what it learned, and it partly fails them
-# (measured: about 0.6 on boolq_long, 0.5 on arith_steps with chance 0.25, 0.7 on hellaswag_distract), so the
-# demo suite shows real intervals and flipped documents.
+# (measured on the 150 test items: boolq_long acc 0.78, arith_steps acc 0.48 with chance 0.25, hellaswag_distract
+# acc_norm 0.79), so the demo suite shows real intervals and flipped documents.
 def boolq_long_item(rng: random.Random) -> dict:
     """Four facts about one stranger and two about another; a false question often uses the other person's value."""
     p, q = stranger(rng), stranger(rng)
@@ -208,9 +208,9 @@ def hellaswag_distract_item(rng: random.Random) -> dict:
     others = [q.job] + rng.sample([j for j in JOBS if j not in (p.job, q.job)], 2)
     endings = [rng.choice(ROUTINES[j]) + "." for j in others] + [right + "."]
     rng.shuffle(endings)
-    people_ = [f"{p.name} is a {p.job} in {p.city}.", f"{q.name} is a {q.job}."]
-    rng.shuffle(people_)
-    return {"ctx": f"{' '.join(people_)} Every morning, {p.name}", "endings": endings,
+    intro = [f"{p.name} is a {p.job} in {p.city}.", f"{q.name} is a {q.job}."]
+    rng.shuffle(intro)
+    return {"ctx": f"{' '.join(intro)} Every morning, {p.name}", "endings": endings,
             "label": endings.index(right + ".")}
 
 
