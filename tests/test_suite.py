@@ -109,7 +109,7 @@ def test_same_baseline_passes(passing_run, tmp_path):
 def test_k_selects_a_task():
     proc = suite("-k", "boolq", "--collect-only", "-q")
     selected = [ln for ln in proc.stdout.splitlines() if "::" in ln]
-    assert selected == ["evals/test_tasks.py::test_task[demo_boolq]"]
+    assert selected == ["evals/test_tasks.py::test_task[demo_boolq]", "evals/test_tasks.py::test_task[demo_boolq_long]"]
 
 
 def test_contract_tests_are_one_per_tensor():
