@@ -1,40 +1,12 @@
-"""Root conftest: pytest reads command-line options only from here (or a plugin), so the evals/ suite's options
-live here. See evals/conftest.py for the fixtures and README "The evals suite" for usage."""
-import os
+"""Root conftest: in a clone, the evals suite's pytest plugin (options, fixtures, report) is loaded from here.
+Installed, the same module is registered by its `pytest11` entry point under this very name, and pytest skips a
+plugin name it already has (PytestPluginManager.import_plugin), so the options are added once either way."""
 
-# Offline by default: nothing in the suite may reach a hub at test time.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+pytest_plugins = ["ane_eval.pytest_plugin"]
 
 
-def pytest_addoption(parser):
-    g = parser.getgroup("ane-eval", "ane-eval suite (pytest evals)")
-    g.addoption("--model-dir", default="demo", help="ANEMLL model directory (default: the embedded demo model)")
-    g.addoption("--backend", default="auto", choices=["auto", "coreml", "mil"], help="runtime (default: auto)")
-    g.addoption("--precision", default="fp16", choices=["fp16", "fp32"], help="portable runtime numerics")
-    g.addoption("--compute-units", default="CPU_AND_NE", help="CoreML compute units (default CPU_AND_NE)")
-    g.addoption("--tasks", default=None, help="comma-separated task names (default: the suite's tasks)")
-    g.addoption("--suite", default=None, help="suite YAML (default: evals/suites/demo.yaml for the demo model, "
-                                               "default.yaml otherwise)")
-    g.addoption("--include-path", action="append", default=[], help="directory of task YAMLs (repeatable)")
-    g.addoption("--limit", type=float, default=None, help="documents per task (overrides the suite)")
-    g.addoption("--num-fewshot", type=int, default=None, help="few-shot examples (overrides the suite)")
-    g.addoption("--batch-size", default="1", help="accepted for compatibility; ANE models run requests serially")
-    g.addoption("--seed", type=int, default=1234, help="random seed for few-shot sampling and generation")
-    g.addoption("--max-tokens", type=int, default=None, help="max tokens to generate (generation tasks)")
-    g.addoption("--apply-chat-template", action="store_true", help="format prompts with the model's chat template")
-    g.addoption("--output-dir", default="results", help="where results, samples, summary and baseline go")
-    g.addoption("--baseline", default=None, help="baseline JSON to gate regressions against")
-    g.addoption("--update-baseline", action="store_true",
-                help="write the baseline (to --baseline, else OUTPUT_DIR/baseline.json) if the run passed")
-    g.addoption("--allow-missing-data", action="store_true",
-                help="skip (instead of fail) tasks whose dataset cannot be reached")
-    # fidelity against the source model (ane_eval/fidelity.py; evals/test_fidelity.py, tasks' source columns)
-    g.addoption("--reference", default=None, metavar="REF",
-                help="the source Hugging Face checkpoint (adds test_fidelity and runs every task on it with "
-                     "lm-eval's HF backend, cached) or a reference file from `ane-eval fidelity --save-reference`")
-    g.addoption("--fidelity-text", action="append", default=[], metavar="FILE",
-                help="text scored by test_fidelity (repeatable; default: the suite's fidelity: text)")
-    g.addoption("--fidelity-max-tokens", type=int, default=None,
-                help="tokens scored by test_fidelity, one infer each (default: the suite's fidelity: max_tokens)")
+def pytest_configure(config):
+    # tests/ and evals/ run offline (set here, before collection imports any HF library)
+    from ane_eval.pytest_plugin import offline_defaults
+
+    offline_defaults()

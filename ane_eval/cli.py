@@ -38,6 +38,7 @@ def cmd_run(args) -> int:
     from .bundle import model_info
     from .harness import ANELM
     from .model import load_model
+    from .report import ReportData, write_report
 
     tm = runner.task_manager(args.include_path)
     tasks = runner.resolve_tasks(tm, args.tasks)
@@ -58,12 +59,13 @@ def cmd_run(args) -> int:
     records = {t: gate.task_record(results, t, limit=limit, model=info, samples=samples.get(t))
                for t in results.get("configs", {})}
     rows = [row for t, rec in records.items() for row in gate.evaluate_gate(t, rec)]
-    gate.write_summary(out / "summary.md", rows, info, model.backend)
+    _, images = write_report(out, ReportData(rows, records, info, model.backend))
+    gate.write_summary(out / "summary.md", rows, info, model.backend, images)
     gate.write_baseline(out / "baseline.json", records, info)
     from lm_eval.utils import make_table
     print(make_table(results))
     print(f"ane-eval: results in {out} (lm-eval results JSON{', samples JSONL' if args.log_samples else ''}, "
-          "summary.md, baseline.json)", file=sys.stderr)
+          "summary.md, report.html, baseline.json)", file=sys.stderr)
     return 0
 
 

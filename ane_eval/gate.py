@@ -300,7 +300,7 @@ def _num(v, sign: str = "") -> str:
     return f"{v:{sign}.4f}" if abs(v) < 1000 else f"{v:{sign}.1f}"
 
 
-def _fmt(v, stderr=None) -> str:
+def format_value(v, stderr=None) -> str:
     if v is None:
         return "-"
     return _num(v) + (f" ± {_num(stderr)}" if stderr is not None else "")
@@ -310,9 +310,9 @@ def format_table(rows: list[Row], markdown: bool = False) -> str:
     with_source = any(r.source is not None for r in rows)
     header = ["task", "metric", "value ± stderr", *(["source", "Δ source"] if with_source else []), "threshold",
               "baseline", "delta", "combined se", "z", "allowed fall", "verdict"]
-    body = [[r.task, r.metric, _fmt(r.value, r.stderr),
-             *([_fmt(r.source), _num(r.source_delta, "+")] if with_source else []),
-             r.threshold or "-", _fmt(r.baseline, r.baseline_stderr), _num(r.delta, "+"), _num(r.combined_se),
+    body = [[r.task, r.metric, format_value(r.value, r.stderr),
+             *([format_value(r.source), _num(r.source_delta, "+")] if with_source else []),
+             r.threshold or "-", format_value(r.baseline, r.baseline_stderr), _num(r.delta, "+"), _num(r.combined_se),
              "-" if r.z is None else f"{r.z:+.2f}", _num(r.allowed), r.verdict] for r in rows]
     notes = [n for r in rows for n in r.notes]
     if markdown:
@@ -346,12 +346,14 @@ def write_baseline(path, records: dict, model: dict) -> Path:
     return path
 
 
-def write_summary(path, rows: list[Row], model: dict, backend: str) -> Path:
+def write_summary(path, rows: list[Row], model: dict, backend: str, images=()) -> Path:
+    """summary.md: the verdict table, then the report's plots (PNG files next to it, linked by name)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     verdict = "FAILED" if any(r.failed for r in rows) else "passed"
     text = (f"# ane-eval summary: {verdict}\n\nmodel: `{model.get('name')}` ({model.get('path')}), fingerprint "
             f"`{str(model.get('fingerprint'))[:12]}`, backend: {backend}\n\n" + format_table(rows, markdown=True) + "\n")
+    text += "".join(f"\n![{Path(p).stem}]({Path(p).name})\n" for p in images)
     path.write_text(text)
     return path
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from .gate import DEFAULT_RELATIVE_TOLERANCE, DEFAULT_TOLERANCE, DEFAULT_Z
 
-SUITES_DIR = Path(__file__).resolve().parent.parent / "evals" / "suites"
+# ane_eval/evals is the repository's evals/ (a symlink in the clone, the package ane_eval.evals when installed)
+SUITES_DIR = Path(__file__).resolve().parent / "evals" / "suites"
 
 
 class SuiteError(ValueError):

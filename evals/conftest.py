@@ -1,70 +1,23 @@
-"""Fixtures of the evals suite: the model loaded once per session, state reset for every test, the suite's tasks
-as parametrized cases, and the session's report (markdown summary, baseline) written at the end."""
+"""Fixtures of the evals suite on top of the ane_eval pytest plugin (ane_eval/pytest_plugin.py: options, the
+session's model, the task helper and the report): the suite's tasks and tensors as parametrized cases, and the
+model with a state reset for every test."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
-from ane_eval import gate
-from ane_eval.suite import Suite, TaskSpec, default_suite, load_suite
+from ane_eval.pytest_plugin import offline_defaults, session_of
+from ane_eval.suite import TaskSpec
 
-
-class Session:
-    """Settings from the command line plus what the run accumulates for the report."""
-
-    def __init__(self, config):
-        opt = config.getoption
-        self.model_arg = opt("model_dir")
-        self.is_demo = self.model_arg == "demo"
-        self.backend, self.precision, self.compute_units = opt("backend"), opt("precision"), opt("compute_units")
-        self.output_dir = Path(opt("output_dir"))
-        self.baseline_path = opt("baseline")
-        self.update_baseline = opt("update_baseline")
-        self.allow_missing = opt("allow_missing_data")
-        self.limit, self.num_fewshot = opt("limit"), opt("num_fewshot")
-        if self.limit is not None and float(self.limit).is_integer():
-            self.limit = int(self.limit)
-        self.seed, self.max_tokens, self.chat = opt("seed"), opt("max_tokens"), opt("apply_chat_template")
-        suite_path = opt("suite") or default_suite(self.is_demo)
-        self.suite: Suite = load_suite(suite_path)
-        self.include_paths = [*self.suite.include_paths, *map(Path, opt("include_path"))]
-        names = opt("tasks")
-        if names:
-            self.tasks = [self.suite.spec(n.strip()) for n in names.replace(",", " ").split()]
-        else:
-            self.tasks = list(self.suite.tasks)
-        self.reference = opt("reference")
-        fid = self.suite.fidelity
-        self.fidelity_texts = [Path(t) for t in opt("fidelity_text")] or fid.get("text", [])
-        self.fidelity_max_tokens = opt("fidelity_max_tokens") or fid.get("max_tokens")
-        self.fidelity_thresholds = fid.get("thresholds", {})
-        self.rows: list = []
-        self.records: dict = {}
-        self.failed = False
-        self._baseline = None
-
-    def baseline(self):
-        """The baseline to gate against; None when there is none yet and this run is to create it."""
-        if self._baseline is None and self.baseline_path:
-            if Path(self.baseline_path).exists() or not self.update_baseline:
-                self._baseline = gate.load_baseline(self.baseline_path)
-        return self._baseline
+offline_defaults()  # also when the suite runs installed (pytest --pyargs ane_eval.evals), without the root conftest
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "ane_task(name): an lm-eval task case of the evals suite")
 
 
-def _session(config) -> Session:
-    if not hasattr(config, "_ane_session"):
-        config._ane_session = Session(config)
-    return config._ane_session
-
-
 def pytest_generate_tests(metafunc):
     if "task_spec" in metafunc.fixturenames:
-        specs = _session(metafunc.config).tasks
+        specs = session_of(metafunc.config).tasks
         metafunc.parametrize("task_spec", specs, ids=[t.name for t in specs])
     if "tensor_key" in metafunc.fixturenames:
         try:
@@ -79,7 +32,7 @@ def pytest_generate_tests(metafunc):
 def _contract_view(config) -> tuple[dict, dict]:
     """(expected, declared) tensor interfaces of the model directory, from its specs alone (no model load), so
     the contract tests can be parametrized one per part, function and tensor at collection time."""
-    s = _session(config)
+    s = session_of(config)
     if not hasattr(s, "contract_view"):
         s.contract_view = _read_contract_view(s)
     return s.contract_view
@@ -106,88 +59,13 @@ def contract_view(request) -> tuple[dict, dict]:
 
 
 @pytest.fixture(scope="session")
-def ane_session(request) -> Session:
-    return _session(request.config)
+def model_dir(ane_model_dir):
+    return ane_model_dir
 
 
 @pytest.fixture(scope="session")
-def model_dir(ane_session) -> Path:
-    from ane_eval.cli import resolve_model
-
-    return resolve_model(ane_session.model_arg)
-
-
-def _stop(error: Exception):
-    """A model that cannot be loaded stops the session with one line, not a traceback per test."""
-    pytest.exit(f"ane-eval: {str(error).splitlines()[0]}", returncode=2)
-
-
-@pytest.fixture(scope="session")
-def ane_model(ane_session, model_dir):
-    """Loaded once per session (loading compiles/plans every part)."""
-    import ane_eval
-
-    try:
-        return ane_eval.load_model(model_dir, backend=ane_session.backend, precision=ane_session.precision,
-                                   compute_units=ane_session.compute_units)
-    except (ValueError, OSError, RuntimeError) as e:
-        _stop(e)
-
-
-@pytest.fixture(scope="session")
-def model_info(ane_model):
-    from ane_eval.bundle import model_info as info
-
-    return info(ane_model.bundle)
-
-
-@pytest.fixture(scope="session")
-def ane_lm(ane_model, ane_session):
-    from ane_eval.harness import ANELM
-
-    return ANELM(model=ane_model, seed=ane_session.seed)
-
-
-@pytest.fixture(scope="session")
-def task_manager(ane_session):
-    from ane_eval.runner import task_manager as make
-
-    return make(ane_session.include_paths)
-
-
-@pytest.fixture(scope="session")
-def fidelity_reference(ane_session):
-    """The --reference (checkpoint or stored file), loaded once; None without --reference."""
-    if not ane_session.reference:
-        return None
-    from ane_eval import fidelity
-
-    try:
-        return fidelity.load_reference(ane_session.reference)
-    except fidelity.FidelityError as e:
-        _stop(e)
-
-
-@pytest.fixture(scope="session")
-def source_lm(fidelity_reference, ane_model, ane_session):
-    """lm-eval's own HF backend on the reference checkpoint (None without one), with the model's context as its
-    max_length so requests truncate and roll identically, and the cache path for lm-eval's CachingLM (keyed by
-    the checkpoint's files: a rerun on the same checkpoint costs no model call)."""
-    if fidelity_reference is None or fidelity_reference.stored:
-        return None
-    import hashlib
-
-    from lm_eval.models.huggingface import HFLM
-    from transformers import AutoTokenizer
-
-    ref = fidelity_reference
-    tokenizer = AutoTokenizer.from_pretrained(ref.path, local_files_only=True, trust_remote_code=False)
-    lm = HFLM(pretrained=ref.model, tokenizer=tokenizer, batch_size=1, max_length=ane_model.context_length)
-    h = hashlib.sha256(f"{ane_model.context_length} fp32 {ref.device}".encode())
-    for f in sorted(p for p in ref.path.rglob("*") if p.is_file()):
-        st = f.stat()
-        h.update(f"{f.relative_to(ref.path)} {st.st_size} {st.st_mtime_ns}".encode())
-    return lm, str(ane_session.output_dir / "source-cache" / f"{ref.path.name}-{h.hexdigest()[:16]}")
+def model_info(ane_model_info):
+    return ane_model_info
 
 
 @pytest.fixture()
@@ -199,7 +77,7 @@ def model(ane_model):
 
 
 @pytest.fixture()
-def task_case(task_spec: TaskSpec, ane_session: Session):
+def task_case(task_spec: TaskSpec, ane_session):
     """The effective settings of one task case (command line over suite file)."""
     return TaskSpec(task_spec.name,
                     ane_session.num_fewshot if ane_session.num_fewshot is not None else task_spec.num_fewshot,
@@ -211,25 +89,3 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     from ane_eval.backends import chip_name
 
     machine_info["chip"] = chip_name()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    s = getattr(session.config, "_ane_session", None)
-    if s is None or not s.rows:
-        return
-    model = s.records and next(iter(s.records.values())).get("model", {}) or {}
-    summary = gate.write_summary(s.output_dir / "summary.md", s.rows, model, s.backend)
-    lines = [f"ane-eval: summary written to {summary}"]
-    if s.update_baseline:
-        if exitstatus == 0 and not s.failed:
-            target = Path(s.baseline_path) if s.baseline_path else s.output_dir / "baseline.json"
-            gate.write_baseline(target, s.records, model)
-            lines.append(f"ane-eval: baseline written to {target}")
-        else:
-            lines.append("ane-eval: baseline NOT updated: the run did not pass")
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line("")
-        reporter.write_line(gate.format_table(s.rows))
-        for line in lines:
-            reporter.write_line(line)

@@ -1,47 +1,8 @@
 """One test per task of the suite (ids are task names: `pytest evals -k boolq`). Each runs lm-eval on the `ane`
 model, writes lm-eval's result files, and checks the metrics against the suite's thresholds and, with
---baseline, against the baseline. With --reference (the source checkpoint) the same requests also run through
-lm-eval's HF backend on it, and each row shows the source's value, the delta and the flipped documents. A
-failure prints the verdict table."""
+--baseline, against the baseline (the plugin's `ane_task` helper). A failure prints the verdict table."""
 from __future__ import annotations
 
-import pytest
 
-from ane_eval import gate, runner
-
-
-def test_task(task_case, ane_session, ane_lm, model, model_info, task_manager, source_lm):
-    name = task_case.name
-    settings = dict(num_fewshot=task_case.num_fewshot, limit=task_case.limit, apply_chat_template=ane_session.chat,
-                    max_gen_toks=ane_session.max_tokens, seed=ane_session.seed)
-    try:
-        runner.resolve_tasks(task_manager, [name])
-        results = runner.evaluate(ane_lm, [name], task_manager, model_name=model_info["name"],
-                                  output_dir=ane_session.output_dir, **settings)
-        # the same requests through lm-eval's HF backend on the source checkpoint (--reference), cached
-        source = None if source_lm is None else runner.evaluate(source_lm[0], [name], task_manager,
-                                                                 use_cache=source_lm[1], **settings)
-    except runner.TaskError as e:
-        if ane_session.allow_missing:
-            pytest.skip(str(e))
-        pytest.fail(str(e), pytrace=False)
-    record = gate.task_record(results, name, limit=task_case.limit, model=model_info,
-                              samples=results["samples"].get(name))
-    baseline = ane_session.baseline()
-    base_record = (baseline or {}).get("tasks", {}).get(name)
-    try:
-        rows = gate.evaluate_gate(name, record, task_case.thresholds, base_record, ane_session.suite.tolerance,
-                                  ane_session.suite.z, relative_tolerance=ane_session.suite.relative_tolerance)
-    except gate.GateError as e:
-        ane_session.failed = True
-        pytest.fail(str(e), pytrace=False)
-    if source is not None:
-        gate.against_source(rows, record, gate.task_record(source, name, limit=task_case.limit,
-                                                           samples=source["samples"].get(name)))
-    if baseline is not None and base_record is None:
-        rows[0].notes.append(f"{name}: not in the baseline {ane_session.baseline_path}; no regression check")
-    ane_session.rows.extend(rows)
-    ane_session.records[name] = record
-    if any(r.failed for r in rows):
-        ane_session.failed = True
-        pytest.fail(f"{name} did not pass:\n{gate.format_table(rows)}", pytrace=False)
+def test_task(task_case, ane_task):
+    ane_task(task_case.name, task_case.thresholds, limit=task_case.limit, num_fewshot=task_case.num_fewshot)

@@ -97,6 +97,7 @@ def run_dir(tmp_path_factory, demo_dir):
 
 def test_run_writes_the_suite_files(run_dir):
     assert (run_dir / "summary.md").is_file() and (run_dir / "baseline.json").is_file()
+    assert (run_dir / "report.html").is_file() and "](report-metrics.png)" in (run_dir / "summary.md").read_text()
     results = list(run_dir.rglob("results_*.json"))
     samples = list(run_dir.rglob("samples_demo_boolq_*.jsonl"))
     assert len(results) == 1 and len(samples) == 1

@@ -30,12 +30,15 @@ def passing_run(tmp_path_factory):
 def test_suite_passes_on_the_demo(passing_run):
     proc, out = passing_run
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "5 passed" in proc.stdout
-    assert "demo_boolq" in (out / "summary.md").read_text()
+    assert "8 passed" in proc.stdout
+    summary = (out / "summary.md").read_text()
+    assert "demo_boolq" in summary and "](report-metrics.png)" in summary and "](report-documents.png)" in summary
+    assert (out / "report-metrics.png").is_file() and "data:image/png;base64," in (out / "report.html").read_text()
     baseline = json.loads((out / "baseline.json").read_text())
-    assert set(baseline["tasks"]) == {"demo_boolq", "demo_arc_easy", "demo_hellaswag", "demo_wikitext", "demo_qa"}
+    assert set(baseline["tasks"]) == {"demo_boolq", "demo_arc_easy", "demo_hellaswag", "demo_wikitext", "demo_qa",
+                                      "demo_boolq_long", "demo_arith_steps", "demo_hellaswag_distract"}
     assert baseline["tasks"]["demo_boolq"]["limit"] == 40 and baseline["model"]["fingerprint"]
-    assert len(list(out.rglob("results_*.json"))) == 5 and len(list(out.rglob("samples_*.jsonl"))) == 5
+    assert len(list(out.rglob("results_*.json"))) == 8 and len(list(out.rglob("samples_*.jsonl"))) == 8
 
 
 def test_threshold_above_the_achieved_value_fails_with_the_table(tmp_path):
@@ -106,7 +109,7 @@ def test_same_baseline_passes(passing_run, tmp_path):
 def test_k_selects_a_task():
     proc = suite("-k", "boolq", "--collect-only", "-q")
     selected = [ln for ln in proc.stdout.splitlines() if "::" in ln]
-    assert selected == ["evals/test_tasks.py::test_task[demo_boolq]"]
+    assert selected == ["evals/test_tasks.py::test_task[demo_boolq]", "evals/test_tasks.py::test_task[demo_boolq_long]"]
 
 
 def test_contract_tests_are_one_per_tensor():

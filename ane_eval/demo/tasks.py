@@ -1,4 +1,5 @@
-"""The demo's offline lm-eval tasks, shaped like boolq, arc_easy, hellaswag, wikitext and short-answer QA.
+"""The demo's offline lm-eval tasks, shaped like boolq, arc_easy, hellaswag, wikitext and short-answer QA, plus
+harder variants the demo model partly fails (longer two-person passages, multi-step sums, distractor endings).
 
 Data: JSONL files shipped in ane_eval/demo/data/ (regenerate with `python -m ane_eval.demo.tasks`; a test
 checks they match the generator). Task YAMLs are written at run time into the cache with absolute data paths —
@@ -16,9 +17,11 @@ import yaml
 from . import HERE, cache_root, world
 
 DATA_DIR = HERE / "data"
-SIZES = {"boolq": (400, 40), "arc_easy": (300, 40), "hellaswag": (300, 40), "qa": (200, 40), "wikitext": (40, 0)}
+SIZES = {"boolq": (400, 40), "arc_easy": (300, 40), "hellaswag": (300, 40), "qa": (200, 40), "wikitext": (40, 0),
+         "boolq_long": (150, 40), "arith_steps": (150, 40), "hellaswag_distract": (150, 40)}
 MAKERS = {"boolq": world.boolq_item, "arc_easy": world.arc_item, "hellaswag": world.hellaswag_item,
-          "qa": world.qa_item, "wikitext": world.wikitext_item}
+          "qa": world.qa_item, "wikitext": world.wikitext_item, "boolq_long": world.boolq_long_item,
+          "arith_steps": world.arith_steps_item, "hellaswag_distract": world.hellaswag_distract_item}
 SEED = 2024  # evaluation data: a different stream from the training corpus's
 
 _MC = {"output_type": "multiple_choice", "test_split": "test", "fewshot_split": "train"}
@@ -43,6 +46,9 @@ TASKS = {
                                                              {"function": "take_first"}]}],
                 "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]},
 }
+# The harder items keep the field names of the shape they extend, so they reuse its prompt and metrics.
+TASKS.update({"demo_boolq_long": TASKS["demo_boolq"], "demo_arith_steps": TASKS["demo_arc_easy"],
+              "demo_hellaswag_distract": TASKS["demo_hellaswag"]})
 
 
 def generate(kind: str, split: str) -> list[dict]:

@@ -167,6 +167,53 @@ def wikitext_item(rng: random.Random) -> dict:
     return {"page": "\n".join(paragraph(rng, p) for p in residents)}
 
 
+# --- harder items: the same shapes with more to read, more steps and distractors ----------------------------
+# The demo model was trained only on the items above; these combine what it learned, and it partly fails them
+# (measured on the 150 test items: boolq_long acc 0.78, arith_steps acc 0.48 with chance 0.25, hellaswag_distract
+# acc_norm 0.79), so the demo suite shows real intervals and flipped documents.
+def boolq_long_item(rng: random.Random) -> dict:
+    """Four facts about one stranger and two about another; a false question often uses the other person's value."""
+    p, q = stranger(rng), stranger(rng)
+    texts = [passage(rng, p, 4)[0], passage(rng, q, 2)[0]]
+    rng.shuffle(texts)
+    attr = rng.choice(list(FACT))
+    truth = rng.random() < 0.5
+    wrong = [v for v in CHOICES[attr] if v != getattr(p, attr)]
+    value = getattr(p, attr) if truth else getattr(q, attr) if getattr(q, attr) in wrong and rng.random() < 0.7 \
+        else rng.choice(wrong)
+    return {"passage": " ".join(texts), "question": YES_NO_QUESTION[attr].format(name=p.name, value=value),
+            "label": int(truth)}
+
+
+def arith_steps_item(rng: random.Random) -> dict:
+    """a plus b minus c (arc-shaped); the partial sum a + b is one of the wrong choices."""
+    while True:
+        a, b, c = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 9)
+        if a + b <= 10 and 0 <= a + b - c and c > 0:
+            break
+    answer = str(a + b - c)
+    choices = [str(a + b)] + rng.sample([str(i) for i in range(11) if i not in (a + b, a + b - c)], 2) + [answer]
+    rng.shuffle(choices)
+    return {"question": f"What is {a} plus {b} minus {c}?", "choices": {"text": choices, "label": list("ABCD")},
+            "answerKey": "ABCD"[choices.index(answer)]}
+
+
+def hellaswag_distract_item(rng: random.Random) -> dict:
+    """The context names a second person with another job; one wrong ending is that person's routine."""
+    p = rng.choice(WORLD) if rng.random() < 0.5 else stranger(rng)
+    q = stranger(rng)
+    while q.job == p.job:
+        q = stranger(rng)
+    right = rng.choice(ROUTINES[p.job])
+    others = [q.job] + rng.sample([j for j in JOBS if j not in (p.job, q.job)], 2)
+    endings = [rng.choice(ROUTINES[j]) + "." for j in others] + [right + "."]
+    rng.shuffle(endings)
+    intro = [f"{p.name} is a {p.job} in {p.city}.", f"{q.name} is a {q.job}."]
+    rng.shuffle(intro)
+    return {"ctx": f"{' '.join(intro)} Every morning, {p.name}", "endings": endings,
+            "label": endings.index(right + ".")}
+
+
 # --- training documents -------------------------------------------------------------------------------------
 def _doc_boolq(rng):
     it = boolq_item(rng)
