@@ -208,3 +208,34 @@ def test_table_shows_the_numbers():
     assert "0.0911" in text and "FAIL regression" in text
     md = gate.format_table(rows, markdown=True)
     assert md.splitlines()[0].startswith("| task | metric |") and "| FAIL regression |" in md
+
+
+def test_compare_every_shared_task_with_the_given_tolerance_and_z():
+    a = {"t1": record({"acc,none": (0.9, 0.0)}), "t2": record({"acc,none": (0.9, 0.0)}), "only_a": record({})}
+    b = {"t1": record({"acc,none": (0.88, 0.0)}), "t2": record({"acc,none": (0.9, 0.0)}, fingerprint="f" * 64)}
+    rows = gate.compare(a, b, tolerance=0.03)
+    assert [(r.task, r.allowed, r.failed) for r in rows] == [("t1", 0.03, False), ("t2", 0.03, False)]
+    assert gate.compare(a, b, tolerance=0.01)[0].failed
+    a_se = {"t1": record({"acc,none": (0.9, 0.03)})}
+    b_se = {"t1": record({"acc,none": (0.8, 0.04)})}
+    assert gate.compare(a_se, b_se, tolerance=0.0, z=3.0)[0].allowed == pytest.approx(0.15)
+
+
+def test_flips_skip_documents_missing_on_one_side():
+    before = {"0": {"f1": 1.0}, "1": {"acc": 1.0}, "2": {"acc": 1.0}, "7": {"acc": 0.0}}
+    now = {"0": {"acc": 0.0}, "1": {"acc": 0.0}, "9": {"acc": 0.0}, "7": {"acc": 1.0}}
+    assert gate.flips(now, before, "acc") == (["1"], ["7"])
+
+
+def test_non_finite_values_are_not_metrics():
+    results = {"results": {"t": {"acc,none": float("inf"), "f1,none": float("nan"), "em,none": 0.5}},
+               "versions": {"t": 1}, "higher_is_better": {"t": {"em": True}}}
+    r = gate.task_record(results, "t")
+    assert list(r["metrics"]) == ["em,none"] and r["higher_is_better"] == {"em": True}
+
+
+def test_unreadable_baseline_names_the_file(tmp_path):
+    p = tmp_path / "b.json"
+    p.write_text("{not json")
+    with pytest.raises(gate.GateError, match=rf"{p}: not a JSON baseline file \(Expecting"):
+        gate.load_baseline(p)
