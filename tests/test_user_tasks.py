@@ -98,7 +98,8 @@ def test_local_task_never_touches_the_network(user_tasks, demo_dir, monkeypatch)
     # each choice is scored on its own: the order of the choices changes nothing, document by document
     per_doc = {t: [s["acc"] for s in sorted(results["samples"][t], key=lambda s: s["doc_id"])]
                for t in ("my_sums", "my_sums_rotated")}
-    assert per_doc["my_sums"] == per_doc["my_sums_rotated"] and 0 < sum(per_doc["my_sums"]) < len(labels)
+    assert per_doc["my_sums"] == per_doc["my_sums_rotated"]
+    assert sum(per_doc["my_sums"]) > len(labels) / 3  # above chance: the scores are the model's, not noise
 
 
 def test_hub_task_without_cached_data_is_one_line():
