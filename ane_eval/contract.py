@@ -237,7 +237,8 @@ def expected_geometry(bundle) -> tuple[Geometry, list[str]]:
              "config.json num_key_value_heads": kv, "config.json head_dim": d, "meta.yaml split_lm_head": K}
     unknown = [k for k, v in known.items() if v is None]
     state = (2 * L, kv, S, d) if None not in (L, kv, S, d) else None
-    widths = [V // K] * K if V and K and V % K == 0 else None  # the head splits the vocabulary evenly
+    # the head splits the vocabulary evenly; an unknown width leaves its shape unchecked, the output still expected
+    widths = [V // K if V and V % K == 0 else None] * K if K else None
     if V and K and V % K:
         unknown.append(f"logits widths (config.json vocab_size {V} is not divisible by split_lm_head {K})")
     return Geometry(context_length=C, batch_size=B, hidden_size=H, state_shape=state, logits_widths=widths), unknown
@@ -256,7 +257,7 @@ def expected_interface(geometry: Geometry, num_chunks: int) -> dict:
            ("embeddings", "main", "outputs", "hidden_states"): (None, "fp16"),
            ("lm_head", "main", "inputs", "hidden_states"): (_shape(1, 1, H), "fp16")}
     for k, width in enumerate(geometry.logits_widths or [], start=1):
-        exp[("lm_head", "main", "outputs", f"logits{k}")] = ((1, 1, width), "fp16")
+        exp[("lm_head", "main", "outputs", f"logits{k}")] = (_shape(1, 1, width), "fp16")
     for i in range(1, num_chunks + 1):
         part = f"chunk{i:02d}"
         for fn, T in (("infer", 1), ("prefill", B)):

@@ -336,7 +336,8 @@ def test_expected_geometry_comes_from_config_and_meta(demo_dir, tmp_path):
     assert contract.expected_geometry(discover(d2))[0].state_shape[2] == 512  # S = max(state_length, C)
     (d2 / "config.json").unlink()
     g3, unknown = contract.expected_geometry(discover(d2))
-    assert g3.state_shape is None and g3.logits_widths is None and "config.json hidden_size" in unknown
+    assert g3.state_shape is None and g3.logits_widths == [None] * 8 and "config.json hidden_size" in unknown
+    assert contract.expected_interface(g3, 2)[("lm_head", "main", "outputs", "logits8")] == (None, "fp16")
     assert contract.expected_interface(g3, 2)[("lm_head", "main", "inputs", "hidden_states")] == (None, "fp16")
     (d2 / "config.json").write_text("{not json")
     with pytest.raises(ContractError, match=r"config.json: not valid JSON .*; fix or remove it"):
