@@ -92,12 +92,13 @@ def _int(md: dict, key: str) -> int | None:
 
 @dataclass
 class Geometry:
-    """What the model's own declarations say, after cross-checking."""
-    context_length: int
-    batch_size: int
-    hidden_size: int
-    state_shape: tuple
-    logits_widths: list
+    """A model's sizes: what its declarations say after cross-checking (`cross_check`), or what config.json and
+    meta.yaml require (`expected_geometry`, None where they are silent)."""
+    context_length: int | None
+    batch_size: int | None
+    hidden_size: int | None
+    state_shape: tuple | None
+    logits_widths: list | None
 
 
 def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int | None = None) -> Geometry:
@@ -191,26 +192,81 @@ def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int 
                     logits_widths=widths)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a model directory's config.json is a few hundred bytes; refuse to parse more
+
+
+def model_config(bundle) -> dict:
+    """The model directory's config.json (the original checkpoint's geometry, Hugging Face key names); {} when
+    there is none. Untrusted input: size-bounded, JSON only, a readable error naming the file."""
+    import json
+
+    path = Path(bundle.root) / "config.json"
+    if not path.is_file():
+        return {}
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ContractError(f"{path}: {path.stat().st_size} bytes, not a config.json (expected a small JSON object)")
+    try:
+        doc = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ContractError(f"{path}: not valid JSON ({e}); fix or remove it") from None
+    if not isinstance(doc, dict):
+        raise ContractError(f"{path}: expected a JSON object of model settings")
+    return doc
+
+
+def _positive(doc: dict, key: str) -> int | None:
+    v = doc.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def expected_geometry(bundle) -> tuple[Geometry, list[str]]:
+    """The geometry the ANEMLL contract requires, from config.json and meta.yaml alone — never from what the parts
+    declare, so a part that declares a wrong shape is caught — and the names of the values neither file gives
+    (their shapes stay unchecked). New layouts extend the contract here and in `expected_interface`."""
+    cfg = model_config(bundle)
+    C, B = bundle.meta_int("context_length"), bundle.meta_int("batch_size")
+    H, V = _positive(cfg, "hidden_size"), _positive(cfg, "vocab_size")
+    L, heads = _positive(cfg, "num_hidden_layers"), _positive(cfg, "num_attention_heads")
+    kv = _positive(cfg, "num_key_value_heads") or heads  # Hugging Face's default: no grouping
+    d = _positive(cfg, "head_dim") or (H // heads if H and heads and H % heads == 0 else None)
+    S = max(bundle.meta_int("state_length") or 0, C) if C else None  # S = max(state_length, C) (contract §2)
+    K = bundle.split_lm_head
+    known = {"meta.yaml context_length": C, "meta.yaml batch_size": B, "config.json hidden_size": H,
+             "config.json vocab_size": V, "config.json num_hidden_layers": L,
+             "config.json num_key_value_heads": kv, "config.json head_dim": d, "meta.yaml split_lm_head": K}
+    unknown = [k for k, v in known.items() if v is None]
+    state = (2 * L, kv, S, d) if None not in (L, kv, S, d) else None
+    # the head splits the vocabulary evenly; an unknown width leaves its shape unchecked, the output still expected
+    widths = [V // K if V and V % K == 0 else None] * K if K else None
+    if V and K and V % K:
+        unknown.append(f"logits widths (config.json vocab_size {V} is not divisible by split_lm_head {K})")
+    return Geometry(context_length=C, batch_size=B, hidden_size=H, state_shape=state, logits_widths=widths), unknown
+
+
+def _shape(*dims):
+    return None if None in dims else tuple(dims)
+
+
 def expected_interface(geometry: Geometry, num_chunks: int) -> dict:
-    """(part, function, kind, name) -> (shape, dtype) that the ANEMLL contract requires, from the geometry the
-    parts agree on. Shapes are tuples, or a tuple of alternatives for enumerated inputs; None = undeclared."""
+    """(part, function, kind, name) -> (shape, dtype) that the ANEMLL contract requires, from `expected_geometry`.
+    Shapes are tuples, or a tuple of alternatives for enumerated inputs; None = not checked (undeclared by the
+    contract, or a value config.json/meta.yaml does not give)."""
     C, B, H = geometry.context_length, geometry.batch_size, geometry.hidden_size
-    state = tuple(geometry.state_shape or ())
-    exp = {("embeddings", "main", "inputs", "input_ids"): (((1, 1), (1, B)), "int32"),
+    exp = {("embeddings", "main", "inputs", "input_ids"): (None if B is None else ((1, 1), (1, B)), "int32"),
            ("embeddings", "main", "outputs", "hidden_states"): (None, "fp16"),
-           ("lm_head", "main", "inputs", "hidden_states"): ((1, 1, H), "fp16")}
-    for k, width in enumerate(geometry.logits_widths, start=1):
-        exp[("lm_head", "main", "outputs", f"logits{k}")] = ((1, 1, width), "fp16")
+           ("lm_head", "main", "inputs", "hidden_states"): (_shape(1, 1, H), "fp16")}
+    for k, width in enumerate(geometry.logits_widths or [], start=1):
+        exp[("lm_head", "main", "outputs", f"logits{k}")] = (_shape(1, 1, width), "fp16")
     for i in range(1, num_chunks + 1):
         part = f"chunk{i:02d}"
         for fn, T in (("infer", 1), ("prefill", B)):
-            exp[(part, fn, "inputs", "hidden_states")] = ((1, T, H), "fp16")
-            exp[(part, fn, "inputs", "position_ids")] = ((T,), "int32")
-            exp[(part, fn, "inputs", "causal_mask")] = ((1, 1, T, C), "fp16")
+            exp[(part, fn, "inputs", "hidden_states")] = (_shape(1, T, H), "fp16")
+            exp[(part, fn, "inputs", "position_ids")] = (_shape(T), "int32")
+            exp[(part, fn, "inputs", "causal_mask")] = (_shape(1, 1, T, C), "fp16")
             exp[(part, fn, "inputs", "current_pos")] = ((1,), "int32")
             rows = 1 if (fn == "infer" or i == num_chunks) else B  # the last chunk's prefill returns row 0 only
-            exp[(part, fn, "outputs", "output_hidden_states")] = ((1, rows, H), "fp16")
-            exp[(part, fn, "states", STATE_NAME)] = (state, "fp16")
+            exp[(part, fn, "outputs", "output_hidden_states")] = (_shape(1, rows, H), "fp16")
+            exp[(part, fn, "states", STATE_NAME)] = (geometry.state_shape, "fp16")
     return exp
 
 

@@ -64,6 +64,11 @@ class ANEModel:
         return sum(self.geometry.logits_widths) if self.geometry.logits_widths else len(self.tokenizer)
 
     @property
+    def state(self):
+        """The KV-cache state object shared by every chunk (the backend's: `read_state`/`write_state` by name)."""
+        return self._state
+
+    @property
     def history(self) -> list[int]:
         """Tokens whose keys/values the cache holds at positions 0..len-1."""
         return list(self._history)

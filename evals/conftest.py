@@ -39,15 +39,17 @@ def _contract_view(config) -> tuple[dict, dict]:
 
 
 def _read_contract_view(s) -> tuple[dict, dict]:
+    """Expected shapes from config.json and meta.yaml (contract.expected_geometry), declared ones from the parts:
+    two independent sources, so a part that declares a wrong shape fails its test."""
     from ane_eval import contract
     from ane_eval.backends import coreml_available
-    from ane_eval.bundle import discover, load_tokenizer
+    from ane_eval.bundle import discover
     from ane_eval.cli import resolve_model
 
     bundle = discover(resolve_model(s.model_arg), backend="coreml" if coreml_available()[0] else "mil")
-    parts = contract.describe_parts(bundle)
-    geometry = contract.cross_check(bundle, parts, len(load_tokenizer(bundle)))
-    return contract.expected_interface(geometry, len(bundle.chunks)), contract.declared_interface(parts)
+    geometry, s.contract_unknown = contract.expected_geometry(bundle)
+    return (contract.expected_interface(geometry, len(bundle.chunks)),
+            contract.declared_interface(contract.describe_parts(bundle)))
 
 
 @pytest.fixture(scope="session")

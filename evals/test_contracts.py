@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from ane_eval import contract
 
@@ -11,6 +12,7 @@ PROMPT = ("The model under test reads this sentence, then a second one, and pred
 
 
 def test_tensor(tensor_key, contract_view):
+    """Each tensor as the part declares it against the shape config.json and meta.yaml require."""
     expected, declared = contract_view
     assert tensor_key in declared, f"{'/'.join(tensor_key)} is required by the contract but not declared"
     assert tensor_key in expected, f"{'/'.join(tensor_key)} is declared but not part of the contract"
@@ -26,10 +28,46 @@ def test_no_undeclared_tensors(contract_view):
     assert not extra, f"tensors outside the contract: {extra}"
 
 
-def test_metadata_consistency(model):
-    """meta.yaml, com.anemll.* metadata and declared shapes agree (re-checked here to report it as a test)."""
-    g = contract.cross_check(model.bundle, model.parts, len(model.tokenizer))
-    assert (g.context_length, g.batch_size) == (model.context_length, model.batch_size)
+def test_contract_expectations_are_derivable(contract_view, ane_session):
+    """config.json and meta.yaml give every size the contract needs; what they omit is listed (and unchecked)."""
+    if ane_session.contract_unknown:
+        pytest.skip("shapes not checked: the model directory does not give " + ", ".join(ane_session.contract_unknown))
+
+
+def test_metadata_consistency(model, contract_view):
+    """meta.yaml against what each part declares and its com.anemll.* metadata, read from the files directly (not
+    through contract.cross_check, which set the model's geometry)."""
+    _, declared = contract_view
+    b, chunks = model.bundle, model.chunk_parts
+    problems = []
+
+    def agree(what, meta_value, values):
+        if meta_value is not None:
+            problems.extend(f"{what}: meta.yaml {meta_value}, {src} {v}" for src, v in values if v != meta_value)
+
+    masks = [(f"{role}/{fn} causal_mask", shape[-1]) for (role, fn, kind, name), (shape, _) in declared.items()
+             if name == "causal_mask" and shape]
+    batches = [(f"{role}/prefill hidden_states", shape[1]) for (role, fn, kind, name), (shape, _) in declared.items()
+               if fn == "prefill" and kind == "inputs" and name == "hidden_states" and shape]
+    assert masks and batches, "no FFN chunk declares causal_mask / prefill hidden_states"
+    for key, declared_values in (("context_length", masks), ("batch_size", batches)):
+        meta = b.meta_int(key)
+        metadata = [(f"{p.name} com.anemll.{key}", int(p.metadata[f"com.anemll.{key}"]))
+                    for p in model.parts.values() if p is not None and f"com.anemll.{key}" in p.metadata]
+        agree(key, meta, declared_values + metadata)
+        assert len({v for _, v in declared_values}) == 1, f"parts declare different {key}s: {declared_values}"
+    agree("num_chunks", b.meta_int("num_chunks"), [("chunk files", len(chunks))])
+    for i, part in enumerate(chunks, start=1):
+        for key, want in (("chunk_no", i), ("num_chunks", len(chunks))):
+            if f"com.anemll.{key}" in part.metadata:
+                if int(part.metadata[f"com.anemll.{key}"]) != want:
+                    problems.append(f"{part.name} com.anemll.{key}={part.metadata[f'com.anemll.{key}']}, "
+                                    f"file {i} of {len(chunks)}")
+    heads = [k for k in declared if k[0] == "lm_head" and k[2] == "outputs" and k[3].startswith("logits")]
+    agree("split_lm_head", b.meta_int("split_lm_head"), [("lm_head logits outputs", len(heads))])
+    agree("runtime context_length", b.meta_int("context_length"), [("ANEModel", model.context_length)])
+    agree("runtime batch_size", b.meta_int("batch_size"), [("ANEModel", model.batch_size)])
+    assert not problems, "; ".join(problems)
 
 
 def _last_logits_prefill(model, ids):
@@ -46,7 +84,9 @@ def test_prefill_then_infer_equals_token_by_token(model):
         b = model.infer(t, p)
     scale = float(np.abs(b).max())
     assert int(a.argmax()) == int(b.argmax())
-    assert float(np.abs(a - b).max()) <= 1e-2 * scale + 1e-2, "prefill and infer paths disagree"
+    # demo, fp16 portable runtime: max |a - b| measured 0.0 (scale 24.3); fp16 logits of that size are 1/64 apart,
+    # so 2e-3 * scale allows ~3 ulps of path-dependent rounding (a real ANE's prefill and infer kernels differ)
+    assert float(np.abs(a - b).max()) <= 2e-3 * scale, "prefill and infer paths disagree"
 
 
 def test_state_isolation_after_reset(model):
@@ -56,6 +96,25 @@ def test_state_isolation_after_reset(model):
     _last_logits_prefill(model, other)
     after = _last_logits_prefill(model, ids)
     np.testing.assert_array_equal(clean, after)
+
+
+def test_reset_clears_a_poisoned_state(model):
+    """NaN left in the cache must not survive reset(): on CoreML the mask gives stale slots weight 0, but 0 * NaN is
+    NaN, so only a zeroed state makes the next prompt safe. (The portable runtime's fused attention reads only the
+    visible slots, so its logits would not show the leak: the state itself is checked.)"""
+    ids = model.tokenizer.encode(PROMPT)
+    clean = _last_logits_prefill(model, ids)
+    if not hasattr(model.state, "write_state"):
+        pytest.skip(f"the {model.backend} state object cannot be written from Python")
+    shape = model.state.read_state(contract.STATE_NAME).shape
+    model.state.write_state(contract.STATE_NAME, np.full(shape, np.nan, dtype=np.float16))
+    assert np.isnan(model.state.read_state(contract.STATE_NAME)).all()
+    model.reset()
+    after = model.state.read_state(contract.STATE_NAME)
+    assert after.shape == shape and not np.any(after), \
+        f"{int(np.isnan(after).sum())} NaN and {int(np.count_nonzero(np.nan_to_num(after)))} other non-zero values " \
+        "survive reset()"
+    np.testing.assert_array_equal(_last_logits_prefill(model, ids), clean)
 
 
 def test_determinism(model):
@@ -69,5 +128,11 @@ def test_logits_finite(model):
 
 
 def test_logits_width_covers_tokenizer(model):
-    assert model.vocab_size >= len(model.tokenizer), \
-        f"the LM head scores {model.vocab_size} ids, the tokenizer has {len(model.tokenizer)}"
+    """The logits an infer returns (not a declared or fallback size) score every token id the tokenizer can
+    produce, and as many as config.json's vocabulary."""
+    width = _last_logits_prefill(model, model.tokenizer.encode(PROMPT)).shape[-1]
+    assert width >= len(model.tokenizer), f"the LM head scores {width} ids, the tokenizer has {len(model.tokenizer)}"
+    vocab = contract.model_config(model.bundle).get("vocab_size")
+    if vocab is not None:
+        assert width == vocab, f"the LM head scores {width} ids, config.json vocab_size is {vocab}"
+    assert width == model.vocab_size

@@ -157,7 +157,7 @@ def test_kernel_matches_reference(op_name, kwargs):
     ref = TORCH_REFERENCE[op_name](**kwargs) if op_name in TORCH_REFERENCE else oracle(op_name, **kwargs)
     ours_list = list(ours) if isinstance(ours, tuple) else [ours]
     ref_list = ref if isinstance(ref, list) else [ref]
-    for a, b in zip(ours_list, ref_list):
+    for a, b in zip(ours_list, ref_list, strict=True):  # an op that loses an output fails
         np.testing.assert_allclose(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64),
                                    rtol=2e-5, atol=2e-5)
         assert np.asarray(a).shape == np.asarray(b).shape

@@ -481,3 +481,52 @@ def test_without_torch_the_numbers_are_the_same(demo_dir, monkeypatch):
     with_torch = logits()
     monkeypatch.setattr(fp16, "_torch", lambda: None)
     np.testing.assert_array_equal(logits(), with_torch)
+
+
+@pytest.mark.parametrize("n", [6, 3000], ids=["small-outputs", "large-outputs"])  # both rounding paths (SMALL=1024)
+def test_fp16_mode_rounds_every_op_output_bit_for_bit(tmp_path, n):
+    """fp16 mode against an independent fp16 evaluation: each op computed in float32 from fp16 operands and its
+    result cast to fp16 by numpy (CoreML's semantics: every fp16 op output is an fp16 value). The chain overflows
+    past 65504 and loses precision in intermediates, so a runtime that skipped any op's rounding differs."""
+    import coremltools as ct
+    from coremltools.converters.mil import Builder as mb
+
+    fp16 = ct.converters.mil.mil.types.fp16
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, n), dtype=fp16) for _ in range(2)], opset_version=ct.target.iOS18)
+    def prog(x, y):
+        big = mb.mul(x=x, y=np.float16(300.0))           # |x| > 218.3 overflows to inf in fp16
+        s = mb.add(x=big, y=y)
+        q = mb.real_div(x=s, y=np.float16(7.0))
+        d = mb.sub(x=mb.mul(x=q, y=q), y=mb.mul(x=x, y=y))
+        e = mb.exp(x=mb.mul(x=y, y=np.float16(0.01)))
+        r = mb.rsqrt(x=mb.add(x=mb.mul(x=x, y=x), y=np.float16(1.0)))
+        return mb.add(x=mb.mul(x=d, y=r), y=e, name="out")
+
+    model = ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
+                       compute_precision=ct.precision.FLOAT16, pass_pipeline=ct.PassPipeline.EMPTY)  # ops as written
+    path = tmp_path / "chain.mlmodel"
+    path.write_bytes(model.get_spec().SerializeToString())
+    gen = np.random.default_rng(7)
+    x = (gen.standard_normal((1, n)) * 2).astype(np.float16)
+    y = (gen.standard_normal((1, n)) * 3).astype(np.float16)
+    x[0, :2] = [250.0, -230.0]  # overflow in both directions
+
+    def r(v):  # one op's output: float32 result, then fp16 (numpy's own cast, not the runtime's rounding code)
+        return np.asarray(v, np.float32).astype(np.float16)
+
+    def f(a):
+        return a.astype(np.float32)
+
+    with np.errstate(all="ignore"):
+        big = r(f(x) * np.float32(300))
+        q = r(f(r(f(big) + f(y))) / np.float32(7))
+        d = r(f(r(f(q) * f(q))) - f(r(f(x) * f(y))))
+        e = r(np.exp(f(r(f(y) * np.float32(0.01)))))
+        rs = r(np.float32(1) / np.sqrt(f(r(f(r(f(x) * f(x))) + np.float32(1))) + np.float32(1e-12)))
+        want = r(f(r(f(d) * f(rs))) + f(e))
+    got = mil.load(path, precision="fp16").predict({"x": x, "y": y})["out"]
+    assert np.isinf(want).any() and np.isfinite(want).sum() > want.size // 2  # the chain exercises overflow
+    np.testing.assert_array_equal(np.asarray(got, np.float32).view(np.uint32), f(want).view(np.uint32))
+    fp32 = mil.load(path, precision="fp32").predict({"x": x, "y": y})["out"]
+    assert (np.asarray(fp32, np.float32) != f(want)).mean() > 0.2  # fp32 mode does not round: the test can tell

@@ -305,3 +305,44 @@ def test_causal_mask_rows():
     np.testing.assert_array_equal(full[0, 0], np.triu(np.full((16, 16), -np.inf, np.float16), k=1))
     np.testing.assert_array_equal(causal_mask(16, 4, 8), full[:, :, 4:12])
     np.testing.assert_array_equal(causal_mask(16, 15, 1), np.zeros((1, 1, 1, 16), np.float16))
+
+
+def test_expected_geometry_comes_from_config_and_meta(demo_dir, tmp_path):
+    """The contract's expected shapes follow the original checkpoint's config.json and meta.yaml, so a part
+    declaring another shape fails `pytest evals`; nothing is taken from the parts' own declarations."""
+    import json
+
+    from ane_eval import contract, demo
+
+    hf = json.loads((demo.checkpoint_dir() / "config.json").read_text())
+    layers, kv, d, vocab = hf["num_hidden_layers"], hf["num_key_value_heads"], hf["head_dim"], hf["vocab_size"]
+    C, B, K = (demo.BUILD_OPTIONS[k] for k in ("context_length", "batch_size", "split_lm_head"))
+    g, unknown = contract.expected_geometry(discover(demo_dir))
+    assert unknown == []
+    assert (g.context_length, g.batch_size, g.hidden_size) == (C, B, hf["hidden_size"])
+    assert g.state_shape == (2 * layers, kv, C, d) and g.logits_widths == [vocab // K] * K
+    exp = contract.expected_interface(g, 2)
+    assert exp[("chunk01", "prefill", "inputs", "causal_mask")] == ((1, 1, B, C), "fp16")
+    assert exp[("chunk02", "prefill", "outputs", "output_hidden_states")] == ((1, 1, hf["hidden_size"]), "fp16")
+    assert exp[("chunk01", "prefill", "outputs", "output_hidden_states")] == ((1, B, hf["hidden_size"]), "fp16")
+
+    d2 = tmp_path / "model"
+    shutil.copytree(demo_dir, d2)
+    cfg = json.loads((d2 / "config.json").read_text())
+    (d2 / "config.json").write_text(json.dumps({**cfg, "num_key_value_heads": 4, "head_dim": None}))
+    g2, unknown = contract.expected_geometry(discover(d2))
+    assert g2.state_shape == (2 * layers, 4, C, hf["hidden_size"] // hf["num_attention_heads"]) and unknown == []
+    declared = contract.declared_interface(contract.describe_parts(discover(d2)))
+    key = ("chunk01", "infer", "states", contract.STATE_NAME)
+    assert contract.expected_interface(g2, 2)[key] != declared[key]  # what test_tensor reports
+    (d2 / "meta.yaml").write_text((d2 / "meta.yaml").read_text().replace("  state_length: 512\n", "").replace(
+        "    split_lm_head: 8\n", "    split_lm_head: 8\n    state_length: 512\n"))
+    assert contract.expected_geometry(discover(d2))[0].state_shape[2] == 512  # S = max(state_length, C)
+    (d2 / "config.json").unlink()
+    g3, unknown = contract.expected_geometry(discover(d2))
+    assert g3.state_shape is None and g3.logits_widths == [None] * 8 and "config.json hidden_size" in unknown
+    assert contract.expected_interface(g3, 2)[("lm_head", "main", "outputs", "logits8")] == (None, "fp16")
+    assert contract.expected_interface(g3, 2)[("lm_head", "main", "inputs", "hidden_states")] == (None, "fp16")
+    (d2 / "config.json").write_text("{not json")
+    with pytest.raises(ContractError, match=r"config.json: not valid JSON .*; fix or remove it"):
+        contract.expected_geometry(discover(d2))

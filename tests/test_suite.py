@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,51 @@ def test_unusable_model_dir_stops_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert f"ane-eval: {tmp_path / 'missing'}: no such directory" in proc.stdout
     assert "Traceback" not in proc.stdout and "raise BundleError" not in proc.stdout
+
+
+# (score of a trivial model, documents) per default task: majority class for boolq (62.2% "yes" in validation),
+# random choice otherwise; sizes of lm-eval's evaluation splits
+TRIVIAL = {"boolq": (0.622, 3270), "arc_easy": (0.25, 2376), "arc_challenge": (0.25, 1172),
+           "hellaswag": (0.25, 10042), "piqa": (0.5, 1838), "winogrande": (0.5, 1267), "openbookqa": (0.25, 500)}
+
+
+def test_default_floors_are_three_standard_errors_above_a_trivial_model():
+    from ane_eval.suite import default_suite, load_suite
+
+    suite = load_suite(default_suite(model_is_demo=False))
+    assert {t.name for t in suite.tasks} == set(TRIVIAL)
+    for t in suite.tasks:
+        p0, n = TRIVIAL[t.name]
+        (floor,) = t.thresholds.values()
+        assert floor >= p0 + 3 * (p0 * (1 - p0) / n) ** 0.5, t.name
+
+
+def _broken_demo(root: Path, bug: str) -> Path:
+    """The demo converted by the real converter from a checkpoint carrying a conversion bug's effect:
+    `attention-scale`: scores scaled by 0.6 too much (q_proj x 0.6: RoPE and q.k are linear in q), as a wrong
+    1/sqrt(d) would; `lm-head-parts-swapped`: the LM head's 8 parts in reverse order."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from ane_eval import demo
+    from ane_eval.build import BuildOptions, build
+
+    ckpt = root / "checkpoint"
+    shutil.copytree(demo.checkpoint_dir(), ckpt)
+    w = load_file(str(ckpt / "model.safetensors"))
+    if bug == "attention-scale":
+        for k in [k for k in w if k.endswith("q_proj.weight")]:
+            w[k] = (w[k].astype(np.float32) * 0.6).astype(np.float16)
+    else:
+        w["lm_head.weight"] = np.concatenate(np.split(w["lm_head.weight"], demo.BUILD_OPTIONS["split_lm_head"])[::-1])
+    save_file(w, str(ckpt / "model.safetensors"))
+    return build(ckpt, root / "model", BuildOptions(**demo.BUILD_OPTIONS))
+
+
+@pytest.mark.parametrize("bug", ["attention-scale", "lm-head-parts-swapped"])
+def test_a_broken_conversion_fails_the_demo_suite(bug, tmp_path):
+    model = _broken_demo(tmp_path, bug)
+    proc = suite("--model-dir", model, "--suite", ROOT / "evals" / "suites" / "demo.yaml", "--output-dir",
+                 tmp_path / "out", "-k", "test_task and wikitext")
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "demo_wikitext did not pass:" in proc.stdout and "FAIL threshold" in proc.stdout

@@ -26,13 +26,17 @@ def user_tasks(tmp_path_factory):
     d = tmp_path_factory.mktemp("my_tasks")
     rows = [{"q": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1), str(abs(a - b) + 7)], "label": 0}
             for a in range(5) for b in range(4)]
-    (d / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (d / "my_sums.yaml").write_text(
-        "task: my_sums\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {d / 'sums.jsonl'}\n"
-        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: \"Question: {{q}}\\nAnswer:\"\n"
-        "doc_to_target: label\ndoc_to_choice: \"{{choices}}\"\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
+    # the same questions with the choices rotated: labels 0, 1 and 2, so a choice-order bug changes the score
+    rotated = [{"q": r["q"], "choices": r["choices"][i % 3:] + r["choices"][:i % 3], "label": (3 - i % 3) % 3}
+               for i, r in enumerate(rows)]
+    for name, data in (("my_sums", rows), ("my_sums_rotated", rotated)):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+        (d / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {d / (name + '.jsonl')}\n"
+            "output_type: multiple_choice\ntest_split: test\ndoc_to_text: \"Question: {{q}}\\nAnswer:\"\n"
+            "doc_to_target: label\ndoc_to_choice: \"{{choices}}\"\n"
+            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\nmetadata:\n  version: 1.0\n")
     return d
 
 
@@ -87,8 +91,15 @@ def test_local_task_never_touches_the_network(user_tasks, demo_dir, monkeypatch)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     tm = runner.task_manager([user_tasks])
-    results = runner.evaluate(ANELM(model=ane_eval.load_model(demo_dir, backend="mil")), ["my_sums"], tm, limit=5)
-    assert results["results"]["my_sums"]["acc,none"] >= 0
+    results = runner.evaluate(ANELM(model=ane_eval.load_model(demo_dir, backend="mil")),
+                              ["my_sums", "my_sums_rotated"], tm)
+    labels = [s["target"] for s in results["samples"]["my_sums_rotated"]]
+    assert len(set(labels)) == 3
+    # each choice is scored on its own: the order of the choices changes nothing, document by document
+    per_doc = {t: [s["acc"] for s in sorted(results["samples"][t], key=lambda s: s["doc_id"])]
+               for t in ("my_sums", "my_sums_rotated")}
+    assert per_doc["my_sums"] == per_doc["my_sums_rotated"]
+    assert sum(per_doc["my_sums"]) > len(labels) / 3  # above chance: the scores are the model's, not noise
 
 
 def test_hub_task_without_cached_data_is_one_line():
@@ -148,7 +159,8 @@ def test_troubleshooting_messages_are_current(demo_dir, tmp_path, monkeypatch):
     # a .mlmodelc that is not a compiled model (a renamed package, a half-copied download)
     for p in d.glob("*.mlpackage"):
         p.rename(p.with_suffix(".mlmodelc"))
-    _in_readme(_message(lambda: ane_eval.load_model(d, backend="mil")), repl)
+    msg = _message(lambda: ane_eval.load_model(d, backend="mil"))
+    _in_readme(msg, repl)
     for p in d.glob("*.mlmodelc"):
         p.rename(p.with_suffix(".mlpackage"))
     # missing tokenizer

@@ -251,8 +251,13 @@ def _write_meta(path: Path, opts: BuildOptions, arch, names: dict, checkpoint: P
 def _write_stub_config(path: Path, arch) -> None:
     import json
 
+    # the original checkpoint's geometry, under Hugging Face's key names: the contract's expected shapes come from
+    # here and meta.yaml, independently of what the converted parts declare (contract.expected_geometry)
     path.write_text(json.dumps({"model_type": arch.model_type, "architectures": ["AnemllModel"],
-                                "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size}, indent=2) + "\n")
+                                "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size,
+                                "num_hidden_layers": arch.num_layers, "num_attention_heads": arch.num_heads,
+                                "num_key_value_heads": arch.num_kv_heads, "head_dim": arch.head_dim},
+                               indent=2) + "\n")
 
 
 def main(argv=None) -> int:

@@ -141,7 +141,8 @@ def test_demo_runtime_vs_torch(benchmark, demo_dir):
     params = sum(p.numel() for p in hf_model(demo.checkpoint_dir()).parameters())
     benchmark.extra_info["peak_memory_ratio"] = peak_memory_ratio(demo_dir, params, 128)
     print(f"demo peak memory / fp32 weights: {benchmark.extra_info['peak_memory_ratio']:.2f}")
-    assert info["decode_tok_s_mil"] > 0 and info["prefill_tok_s_mil"] > 0
+    # memory is not timing noise: asserted (the speed ratios are recorded, never asserted)
+    assert benchmark.extra_info["peak_memory_ratio"] <= TARGETS["memory"]
 
 
 @pytest.mark.slow
@@ -155,4 +156,4 @@ def test_100m_runtime_vs_torch(benchmark, tmp_path_factory):
     benchmark.extra_info["params"] = params
     benchmark.extra_info["peak_memory_ratio"] = peak_memory_ratio(out, params, 256)
     print(f"llama-100m ({params:,} params) peak memory / fp32 weights: {benchmark.extra_info['peak_memory_ratio']:.2f}")
-    assert info["decode_tok_s_mil"] > 0
+    assert benchmark.extra_info["peak_memory_ratio"] <= TARGETS["memory"]  # measured 0.99
