@@ -146,7 +146,10 @@ def test_argmax_chunk_layout_sources(built, tmp_path, monkeypatch):
     the head's metadata); nothing to map by is refused, not guessed."""
     src = built[1]["argmax"]
     no_sizes = _rewrite_meta(src, tmp_path / "a", lm_head_chunk_sizes=None)
-    assert ane_eval.load_model(no_sizes, backend="mil").geometry.logits_widths == WIDTHS  # 1030 = 6*65 + 10*64
+    bundle = discover(no_sizes)
+    parts = contract.describe_parts(bundle)
+    del parts["lm_head"].metadata["com.anemll.lm_head_chunk_sizes"]
+    assert contract.cross_check(bundle, parts, VOCAB).logits_widths == WIDTHS  # 1030 = 6*65 + 10*64
     neither = _rewrite_meta(src, tmp_path / "b", lm_head_chunk_sizes=None, vocab_size=None)
     bundle = discover(neither)
     parts = contract.describe_parts(bundle)

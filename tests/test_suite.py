@@ -136,3 +136,23 @@ def test_unusable_model_dir_stops_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert f"ane-eval: {tmp_path / 'missing'}: no such directory" in proc.stdout
     assert "Traceback" not in proc.stdout and "raise BundleError" not in proc.stdout
+
+
+def test_argmax_monolithic_demo_generates_and_refuses_scoring(tmp_path):
+    """The demo converted as an ANEMLL 0.3.5 monolithic model with an argmax head: its tensor and behavioural
+    contracts pass, the generation task passes its threshold, a loglikelihood task fails with the one-line refusal
+    (never a score)."""
+    from ane_eval import demo
+
+    model_dir = demo.model_dir(argmax=True, monolithic=True)
+    proc = suite("--model-dir", model_dir, "--suite", ROOT / "evals" / "suites" / "demo.yaml", "--limit", 20,
+                 "--output-dir", tmp_path, "-k", "contract or demo_qa or demo_boolq", "-q", "-rA")
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "PASSED evals/test_tasks.py::test_task[demo_qa]" in lines
+    assert [ln.split(" - ")[0] for ln in lines if ln.startswith("FAILED")] == [
+        "FAILED evals/test_tasks.py::test_task[demo_boolq]"]
+    assert ("its LM head returns only the argmax of each vocabulary chunk (argmax_in_model), not a distribution, "
+            "so the task(s) demo_boolq cannot be scored") in proc.stdout
+    assert "PASSED evals/test_contracts.py::test_tensor[monolithic-infer-outputs-argmax_idx]" in lines
+    assert "Traceback" not in proc.stdout
