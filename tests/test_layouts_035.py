@@ -21,6 +21,7 @@ from ane_eval.harness import ANELM, NoDistributionError
 from ane_eval.model import NoLogitsError
 
 from .conftest import hf_logits, psnr, write_checkpoint
+from .test_user_tasks import README
 from .test_build import features, spec_of
 
 VOCAB, SPLIT = 1030, 16  # Qwen's 16-way split of 1030 ids is uneven (65 x 6, 64 x 10): offsets must be cumulative
@@ -216,6 +217,9 @@ def test_harness_generates_with_argmax_heads_and_refuses_scoring(built):
     with pytest.raises(NoDistributionError, match=r"the task\(s\) demo_boolq, demo_wikitext cannot be scored"):
         runner.evaluate(lm, ["demo_qa", "demo_boolq", "demo_wikitext"], tm, limit=2, bootstrap_iters=0)
     assert model.token_evaluations == before
+    with pytest.raises(NoDistributionError) as e:
+        runner.evaluate(lm, ["demo_boolq"], tm, limit=2, bootstrap_iters=0)
+    assert str(e.value).replace(model.name, "<model>") in README  # the troubleshooting guide quotes it
 
 
 def test_inspect_names_the_head(built):
