@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .meta import MetaError, int_list
+from .meta import MetaError, int_list, integer
 from .mil import ir
 
 STATE_NAME = "model_model_kv_cache_0"
@@ -134,7 +134,7 @@ def _argmax_chunk_sizes(bundle, metadata: dict, n: int, where: str, problems: li
         if sizes is None and metadata.get("com.anemll.lm_head_chunk_sizes"):
             sizes = int_list(where, "com.anemll.lm_head_chunk_sizes", metadata["com.anemll.lm_head_chunk_sizes"])
         if vocab is None and metadata.get("com.anemll.vocab_size"):
-            vocab = int_list(where, "com.anemll.vocab_size", metadata["com.anemll.vocab_size"])[0]
+            vocab = integer(where, "com.anemll.vocab_size", metadata["com.anemll.vocab_size"])
     except MetaError as e:
         problems.append(str(e))
         return []
@@ -152,7 +152,7 @@ def _argmax_chunk_sizes(bundle, metadata: dict, n: int, where: str, problems: li
     return []
 
 
-def _check_head(bundle, part, function, tokenizer_size: int, problems: list) -> tuple[str, list[int]]:
+def _check_head(bundle, part, function, problems: list) -> tuple[str, list[int]]:
     """(head kind, vocabulary chunk widths) of the part that ends in the LM head, from its declared outputs
     (trust the program, not meta.yaml; disagreements are problems)."""
     layout = bundle.layout
@@ -261,7 +261,7 @@ def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int 
             if have is not None and want is not None and have != want:
                 problems.append(f"{embeddings.name}: metadata {key}={have}, chunks say {want}")
     head_part = chunks[0] if monolithic else lm_head
-    head, widths = _check_head(bundle, head_part, "infer" if monolithic else None, tokenizer_size, problems)
+    head, widths = _check_head(bundle, head_part, "infer" if monolithic else None, problems)
     if lm_head is not None:
         hs = lm_head.feature(None, "inputs", "hidden_states")
         if hs is not None:

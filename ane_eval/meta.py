@@ -88,7 +88,8 @@ def _bool(path, key, v) -> bool:
     raise MetaError(f"{path}: {key} must be true or false, got {v!r}")
 
 
-def _int(path, key, v, minimum: int = 1) -> int:
+def integer(path, key, v, minimum: int = 1) -> int:
+    """A bounded integer from untrusted YAML or metadata text."""
     what = "a positive integer" if minimum else "an integer >= 0"
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         raise MetaError(f"{path}: {key} must be {what}, got {v!r}")
@@ -106,7 +107,7 @@ def int_list(path, key, v) -> tuple[int, ...]:
     items = v if isinstance(v, list) else str(v).strip().strip("[]").split(",") if isinstance(v, str) else None
     if not items or len(items) > 4096:
         raise MetaError(f"{path}: {key} must be a non-empty list of positive integers, got {v!r}")
-    return tuple(_int(path, key, x.strip() if isinstance(x, str) else x) for x in items)
+    return tuple(integer(path, key, x.strip() if isinstance(x, str) else x) for x in items)
 
 
 def _name(path, key, v) -> str:
@@ -129,7 +130,7 @@ def parse(path: Path, info: dict, params: dict) -> Layout:
             kw[key] = _bool(path, key, params[key])
     for key in INT_KEYS:
         if params.get(key) is not None:
-            kw[key] = _int(path, key, params[key])
+            kw[key] = integer(path, key, params[key])
     if params.get("lm_head_chunk_sizes") is not None:
         kw["lm_head_chunk_sizes"] = int_list(path, "lm_head_chunk_sizes", params["lm_head_chunk_sizes"])
     for key in ("monolithic_model", "pf"):
@@ -141,6 +142,6 @@ def parse(path: Path, info: dict, params: dict) -> Layout:
             raise MetaError(f"{path}: functions must be a list of function names, got {fns!r}")
         kw["functions"] = tuple(fns)
     # group size per LUT; 0 means per-tensor (llama_converter.parse_lut_arg "bits,0")
-    kw["lut_per_channel"] = tuple((k, _int(path, k, params[k], minimum=0)) for k in PER_CHANNEL_KEYS
+    kw["lut_per_channel"] = tuple((k, integer(path, k, params[k], minimum=0)) for k in PER_CHANNEL_KEYS
                                   if params.get(k) is not None)
     return Layout(**kw)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..contract import even_split as lm_head_splits  # widths of the logits outputs: V//K, the first V%K one larger
 from .checkpoint import Arch
 
 F16 = np.float16
@@ -229,10 +230,6 @@ def embeddings_program(arch: Arch, weights):
     return program
 
 
-def lm_head_splits(vocab: int, parts: int) -> list[int]:
-    """Widths of the logits outputs: V//K each, the first V%K one larger (equal when K divides V)."""
-    base, extra = divmod(vocab, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
 def _lm_head_weight(arch: Arch, weights) -> np.ndarray:
