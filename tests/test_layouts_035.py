@@ -6,6 +6,7 @@ combine_models.py (monolithic file names), generate_meta_yaml.py (meta.yaml keys
 token = local index + chunk offset, the 0.3.5 prefill rule)."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import numpy as np
@@ -254,3 +255,15 @@ def test_monolithic_without_meta_yaml_is_found(built, tmp_path):
     (path / "meta.yaml").unlink()
     bundle = discover(path)
     assert bundle.monolithic.name == "qwen_monolithic_full.mlpackage" and bundle.embeddings is None
+
+
+@pytest.mark.parametrize("opts, message", [
+    ({"monolithic": True, "lut_lmhead": 4}, "a monolithic model takes one LUT for all its weights"),
+    ({"argmax": True, "meta_version": "0.3.4"}, "argmax heads and monolithic models are ANEMLL 0.3.5 layouts"),
+    ({"monolithic": True, "lut_ffn": 4}, "LM head parts of width [64, 65] cannot be palettized in groups of 8"),
+])
+def test_refused_035_options(built, tmp_path, opts, message):
+    from ane_eval.build import BuildError
+
+    with pytest.raises(BuildError, match=re.escape(message)):
+        build(built[0], tmp_path / "out", BuildOptions(context_length=64, batch_size=16, num_chunks=2, **opts))

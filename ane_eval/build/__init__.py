@@ -80,7 +80,7 @@ def check_options(arch, opts: BuildOptions) -> None:
             problems.append(f"{key}={bits}: palettization supports 1, 2, 3, 4, 6 or 8 bits")
     # coremltools silently leaves a weight unpalettized when its output channels do not split into LUT groups,
     # which would make the lut_* names lie: refuse instead
-    if opts.lut_lmhead and K >= 1:
+    if (opts.lut_lmhead or (opts.monolithic and opts.lut_ffn)) and K >= 1:  # a monolithic head takes lut_ffn
         widths = sorted({w for w in lm_head_splits(V, K) if w % LUT_GROUP})
         if widths:
             problems.append(f"LM head parts of width {widths} cannot be palettized in groups of {LUT_GROUP} "
@@ -99,8 +99,7 @@ def check_options(arch, opts: BuildOptions) -> None:
     elif (opts.argmax or opts.monolithic) and opts.version != "0.3.5":
         problems.append("argmax heads and monolithic models are ANEMLL 0.3.5 layouts; drop --meta-version "
                         f"{opts.version}")
-    if opts.monolithic and (opts.lut_lmhead or opts.lut_embeddings) and {opts.lut_lmhead, opts.lut_embeddings} != {
-            opts.lut_ffn}:
+    if opts.monolithic and (opts.lut_lmhead or opts.lut_embeddings):
         problems.append("a monolithic model takes one LUT for all its weights (upstream's lut_bits): use --lut-ffn "
                         "only")
     if arch.num_heads % arch.num_kv_heads:
