@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .meta import Layout, MetaError, parse
+
 CHUNK = re.compile(r"^(?P<stem>.+)_chunk_(?P<i>\d{2})of(?P<n>\d{2})\.(?P<ext>mlpackage|mlmodelc)$")
 # the first extension a backend finds wins: the portable runtime prefers the package (the compiler's source; a
 # compiled copy beside it may be stale), CoreML the compiled copy (no compilation at load)
@@ -23,13 +25,22 @@ class BundleError(ValueError):
 @dataclass
 class Bundle:
     root: Path
-    embeddings: Path
+    embeddings: Path | None  # None for a monolithic model
     chunks: list[Path]
-    lm_head: Path
+    lm_head: Path | None
     tokenizer_dir: Path
     meta: dict = field(default_factory=dict)  # meta.yaml's model_info.parameters ({} without meta.yaml)
     name: str = ""
     architecture: str = "llama"
+    layout: Layout = field(default_factory=Layout)  # the parsed 0.3.4/0.3.5 keys (meta.py)
+    monolithic: Path | None = None  # the one file of a monolithic model (embeddings + layers + LM head)
+
+    @property
+    def files(self) -> list[Path]:
+        """The model's program files in pipeline order."""
+        if self.monolithic is not None:
+            return [self.monolithic]
+        return [self.embeddings, *self.chunks, self.lm_head]
 
     @property
     def split_lm_head(self) -> int | None:
@@ -58,8 +69,8 @@ def _read_meta(root: Path) -> tuple[dict, dict]:
         raise BundleError(f"{path}: not valid YAML ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     info = doc.get("model_info", {}) if isinstance(doc, dict) else {}
     params = info.get("parameters", {}) if isinstance(info, dict) else {}
-    if not isinstance(params, dict):
-        raise BundleError(f"{path}: model_info.parameters must be a mapping")
+    if not isinstance(params, dict) or not isinstance(info, dict):
+        raise BundleError(f"{path}: model_info and model_info.parameters must be mappings")
     for key in ("embeddings", "lm_head", "ffn", "tokenizer_path", "model_prefix"):
         if params.get(key) is not None and (not isinstance(params[key], str) or "\0" in params[key]):
             raise BundleError(f"{path}: model_info.parameters.{key} must be a file name, found {params[key]!r:.60}")
@@ -69,6 +80,10 @@ def _read_meta(root: Path) -> tuple[dict, dict]:
         if v is not None and not whole:
             raise BundleError(f"{path}: model_info.parameters.{key} must be a whole number, found {v!r:.60}")
     return info, params
+
+
+def _stem(name: str | None) -> str | None:
+    return re.sub(r"\.(mlmodelc|mlpackage)$", "", Path(name).name) if name else None
 
 
 def _inside(root: Path, name: str) -> Path | None:
@@ -102,7 +117,9 @@ def _find_part(root: Path, declared: str | None, pattern: str, exts: tuple, what
 
 def _find_chunks(root: Path, ffn: str | None, exts: tuple, problems: list) -> list[Path]:
     """The chunks in order; each chunk in the first of `exts` it exists in (a directory may mix the forms)."""
-    stem = re.sub(r"\.(mlmodelc|mlpackage)$", "", Path(ffn).name) if ffn else None
+    stem = _stem(ffn)
+    if stem and (m := CHUNK.match(f"{stem}.mlpackage")):
+        stem = m["stem"]  # 0.3.5 names the first chunk (`..._chunk_01of02`); 0.3.4 leaves the suffix off
     found = [(m, p) for p in root.iterdir() if (m := CHUNK.match(p.name)) and m["ext"] in exts]
     if stem and any(m["stem"] == stem for m, _ in found):
         found = [(m, p) for m, p in found if m["stem"] == stem]
@@ -146,13 +163,24 @@ def discover(model_dir, backend: str = "mil") -> Bundle:
                           "the model parts")
     exts = EXTENSIONS[backend]
     info, meta = _read_meta(root)
+    try:
+        layout = parse(root / "meta.yaml", info, meta)
+    except MetaError as e:
+        raise BundleError(str(e)) from None
     if not any(root.iterdir()):
         raise BundleError(f"{root}: the directory is empty; expected meta.yaml, *_embeddings, *_FFN_PF*_chunk_*, "
                           "*_lm_head parts and tokenizer files")
     problems: list[str] = []
-    embeddings = _find_part(root, meta.get("embeddings"), "*_embeddings*", exts, "embeddings", problems)
-    lm_head = _find_part(root, meta.get("lm_head"), "*_lm_head*", exts, "lm_head", problems)
-    chunks = _find_chunks(root, meta.get("ffn"), exts, problems)
+    embeddings = lm_head = monolithic = None
+    chunks: list[Path] = []
+    # without meta.yaml, a lone `*_monolithic_full*` file is a monolithic model (combine_models.combine_monolithic)
+    guessed = not meta and any(root.glob("*_monolithic_full*")) and not any(root.glob("*_FFN_PF*"))
+    if layout.monolithic or guessed:
+        monolithic = _find_part(root, layout.monolithic_model, "*_monolithic_full*", exts, "monolithic", problems)
+    else:
+        embeddings = _find_part(root, meta.get("embeddings"), "*_embeddings*", exts, "embeddings", problems)
+        lm_head = _find_part(root, meta.get("lm_head"), "*_lm_head*", exts, "lm_head", problems)
+        chunks = _find_chunks(root, meta.get("ffn"), exts, problems)
     if meta.get("num_chunks") is not None and chunks and int(meta["num_chunks"]) != len(chunks):
         problems.append(f"meta.yaml num_chunks is {meta['num_chunks']} but the directory has {len(chunks)} chunks")
     tokenizer_dir = root
@@ -171,7 +199,8 @@ def discover(model_dir, backend: str = "mil") -> Bundle:
         raise BundleError(f"{root}: not a usable ANEMLL model directory: " + "; ".join(problems))
     return Bundle(root=root, embeddings=embeddings, chunks=chunks, lm_head=lm_head, tokenizer_dir=tokenizer_dir,
                   meta=meta, name=str(info.get("name") or root.name),
-                  architecture=str(info.get("architecture") or meta.get("model_prefix") or "llama"))
+                  architecture=str(info.get("architecture") or meta.get("model_prefix") or "llama"),
+                  layout=layout, monolithic=monolithic)
 
 
 def load_tokenizer(bundle: Bundle):
@@ -193,7 +222,7 @@ def fingerprint(bundle: Bundle) -> str:
 
     h = hashlib.sha256()
     sample = 1 << 20
-    for part in [bundle.embeddings, *bundle.chunks, bundle.lm_head]:
+    for part in bundle.files:
         files = sorted(f for f in part.rglob("*") if f.is_file()) if part.is_dir() else [part]
         for f in files:
             size = f.stat().st_size

@@ -57,9 +57,12 @@ def model_card(model_dir) -> dict:
     model_dir = Path(model_dir)
     backend = "coreml" if coreml_available()[0] else "mil"
     bundle: Bundle = discover(model_dir, backend=backend)
-    card = {"directory": str(model_dir), "name": bundle.name, "architecture": bundle.architecture,
-            "meta": bundle.meta, "parts": [], "backends": _backends()}
     described = contract.describe_parts(bundle)
+    layout = bundle.layout
+    card = {"directory": str(model_dir), "name": bundle.name, "architecture": bundle.architecture,
+            "meta": bundle.meta, "layout": {"version": layout.version, "model_type": layout.model_type,
+                                            "prefill": layout.prefill_rule, "head": _head(bundle, described)},
+            "parts": [], "backends": _backends()}
     for role, path in contract.part_paths(bundle).items():
         label = f"chunk {int(role[5:])}" if role.startswith("chunk") else role
         entry = {"role": label, "file": path.name, "size_bytes": _size(path)}
@@ -87,6 +90,20 @@ def model_card(model_dir) -> dict:
     return card
 
 
+def _head(bundle, described: dict) -> str:
+    """Which LM head the model has, from the program's outputs (meta.yaml's argmax_in_model for compiled parts)."""
+    part = described.get(contract.MONOLITHIC) or described.get("lm_head")
+    fn = "infer" if contract.MONOLITHIC in described else None
+    names = {f.name for f in part.signature(fn).outputs} if part is not None else set()
+    if set(contract.ARGMAX_OUTPUTS) <= names or (part is None and bundle.layout.argmax_in_model):
+        return "argmax"
+    return "logits"
+
+
+HEADS = {"argmax": "argmax (argmax_idx/argmax_val per vocabulary chunk: greedy generation only, no loglikelihoods)",
+         "logits": "logits (a distribution: every task type)"}
+
+
 def _backends() -> dict:
     ok, why = coreml_available()
     return {"mil": "available (portable runtime)", "coreml": "available" if ok else f"unavailable: {why}"}
@@ -97,10 +114,13 @@ def format_card(card: dict) -> str:
     c = card["consistency"]
     if c["ok"]:
         lines.append(f"consistency: OK  context {c['context_length']}, prefill batch {c['batch_size']}, hidden "
-                     f"{c['hidden_size']}, vocab {c['vocab_size']} (tokenizer {card.get('tokenizer_size')}), "
+                     f"{c['hidden_size'] or '-'}, vocab {c['vocab_size']} (tokenizer {card.get('tokenizer_size')}), "
                      f"state {tuple(c['state_shape'])}")
     else:
         lines.append(f"consistency: FAILED  {c['problems']}")
+    lay = card["layout"]
+    lines.append(f"layout: ANEMLL {lay['version'] or '?'} {lay['model_type']}, prefill {lay['prefill']}; "
+                 f"LM head: {HEADS[lay['head']]}")
     lines.append(f"parameters: {card['parameters']:,}   size on disk: {card['size_bytes'] / 2**20:.1f} MiB")
     if card["meta"]:
         lines.append("meta.yaml: " + ", ".join(f"{k}={v}" for k, v in card["meta"].items()))

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .meta import MetaError, int_list, integer
 from .mil import ir
 
 STATE_NAME = "model_model_kv_cache_0"
+MONOLITHIC = "monolithic"  # the role of a monolithic model's one file (embeddings + layers + LM head)
+ARGMAX_OUTPUTS = ("argmax_idx", "argmax_val")
 
 
 class ContractError(ValueError):
@@ -46,7 +49,10 @@ def describe(path: Path) -> Part:
 
 
 def part_paths(bundle) -> dict:
-    """role -> file of a bundle's parts, in pipeline order: embeddings, chunk01 .. chunkNN, lm_head."""
+    """role -> file of a bundle's parts, in pipeline order: embeddings, chunk01 .. chunkNN, lm_head (or the one
+    monolithic file)."""
+    if bundle.monolithic is not None:
+        return {MONOLITHIC: bundle.monolithic}
     paths = {"embeddings": bundle.embeddings}
     paths.update({f"chunk{i:02d}": p for i, p in enumerate(bundle.chunks, start=1)})
     paths["lm_head"] = bundle.lm_head
@@ -98,13 +104,104 @@ class Geometry:
     batch_size: int | None
     hidden_size: int | None
     state_shape: tuple | None
-    logits_widths: list | None
+    logits_widths: list | None  # vocabulary chunk widths, in order (an argmax head's chunks too)
+    head: str = "logits"  # "logits": logits1..K; "argmax": argmax_idx/argmax_val per vocabulary chunk (0.3.5)
+    monolithic: bool = False
+
+    @property
+    def chunk_offsets(self) -> list[int]:
+        """First token id of each vocabulary chunk (cumulative widths)."""
+        return [sum(self.logits_widths[:k]) for k in range(len(self.logits_widths))]
+
+
+def even_split(vocab: int, parts: int) -> list[int]:
+    """V // K per chunk, the first V % K one larger (the converters' split; chat.py _resolve_argmax_chunk_layout)."""
+    base, extra = divmod(vocab, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def _argmax_chunk_sizes(bundle, metadata: dict, n: int, where: str, problems: list) -> list[int]:
+    """Vocabulary chunk widths of an argmax head, as upstream's driver maps local indices to token ids (chat.py
+    `_resolve_argmax_chunk_layout`): exact `lm_head_chunk_sizes`, else an even split of `vocab_size` (meta.yaml
+    first, then the head's com.anemll.* metadata). Its last fallbacks — a vocabulary guessed from the architecture
+    family, widths guessed from the indices seen — would map tokens wrongly without a sign: refused instead."""
+    layout = bundle.layout
+    sizes, vocab = layout.lm_head_chunk_sizes, layout.vocab_size
+    if n < 1:
+        problems.append(f"{where} is an argmax head with no vocabulary chunks (split_lm_head missing or 0)")
+        return []
+    try:
+        if sizes is None and metadata.get("com.anemll.lm_head_chunk_sizes"):
+            sizes = int_list(where, "com.anemll.lm_head_chunk_sizes", metadata["com.anemll.lm_head_chunk_sizes"])
+        if vocab is None and metadata.get("com.anemll.vocab_size"):
+            vocab = integer(where, "com.anemll.vocab_size", metadata["com.anemll.vocab_size"])
+    except MetaError as e:
+        problems.append(str(e))
+        return []
+    if sizes is not None:
+        if len(sizes) != n:
+            problems.append(f"lm_head_chunk_sizes has {len(sizes)} entries but {where} returns {n} argmax pairs")
+            return []
+        if vocab is not None and sum(sizes) != vocab:
+            problems.append(f"lm_head_chunk_sizes sum to {sum(sizes)} but vocab_size is {vocab}")
+        return list(sizes)
+    if vocab is not None:
+        return even_split(vocab, n)
+    problems.append(f"{where} is an argmax head but neither meta.yaml nor its metadata gives lm_head_chunk_sizes or "
+                    "vocab_size, so its indices cannot be mapped to token ids; add vocab_size to meta.yaml")
+    return []
+
+
+def _check_head(bundle, part, function, problems: list) -> tuple[str, list[int]]:
+    """(head kind, vocabulary chunk widths) of the part that ends in the LM head, from its declared outputs
+    (trust the program, not meta.yaml; disagreements are problems)."""
+    layout = bundle.layout
+    split = bundle.split_lm_head
+    if part is None:  # a compiled part: only meta.yaml can say
+        if layout.argmax_in_model:
+            return "argmax", _argmax_chunk_sizes(bundle, {}, split or 0, "the LM head", problems)
+        return "logits", list(layout.lm_head_chunk_sizes or [])
+    where = f"{part.name}" + (f" {function}" if function else "")
+    sig = part.signature(function)
+    names = [f.name for f in sig.outputs]
+    if set(ARGMAX_OUTPUTS) & set(names):
+        # llama_converter.convert_lm_head(argmax_in_model=True): per chunk torch.argmax -> int32 and the gathered
+        # logit, concatenated and squeezed to [N]
+        idx, val = (part.feature(function, "outputs", n) for n in ARGMAX_OUTPUTS)
+        if idx is None or val is None or len(names) != 2:
+            problems.append(f"{where} outputs {names}; an argmax head returns exactly argmax_idx and argmax_val")
+            return "argmax", []
+        n = int(idx.shape[0]) if len(idx.shape) == 1 else 0
+        if (idx.dtype, val.dtype) != ("int32", "fp16") or len(idx.shape) != 1 or tuple(val.shape) != tuple(idx.shape):
+            problems.append(f"{where} returns argmax_idx {idx.expected()} and argmax_val {val.expected()}; expected "
+                            "int32 [N] and fp16 [N], one per vocabulary chunk")
+            return "argmax", []
+        if split is not None and n != split:
+            problems.append(f"meta.yaml split_lm_head is {split} but {where} returns {n} argmax pairs")
+        return "argmax", _argmax_chunk_sizes(bundle, part.metadata, n, where, problems)
+    if layout.argmax_in_model:
+        problems.append(f"meta.yaml says argmax_in_model but {where} returns {names}, not argmax_idx/argmax_val")
+    outs = [f for f in sig.outputs if f.name.startswith("logits")]
+    widths = [int(f.shape[-1]) if f.shape else 0 for f in outs]
+    if split is not None and len(outs) != split:
+        problems.append(f"meta.yaml split_lm_head is {split} but {where} has {len(outs)} logits outputs")
+    if [f.name for f in outs] != [f"logits{i}" for i in range(1, len(outs) + 1)]:
+        problems.append(f"{where} outputs {names}; expected logits1..logitsK")
+    if layout.lm_head_chunk_sizes is not None and tuple(widths) != layout.lm_head_chunk_sizes:
+        problems.append(f"meta.yaml lm_head_chunk_sizes is {list(layout.lm_head_chunk_sizes)} but {where} returns "
+                        f"logits of widths {widths}")
+    if layout.vocab_size is not None and widths and sum(widths) != layout.vocab_size:
+        problems.append(f"meta.yaml vocab_size is {layout.vocab_size} but {where} returns {sum(widths)} logits")
+    return "logits", widths
 
 
 def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int | None = None) -> Geometry:
     """meta.yaml vs com.anemll.* metadata vs declared shapes (`parts` from describe_parts); every disagreement
     in one error."""
-    embeddings, chunks, lm_head = parts["embeddings"], chunks_of(parts), parts["lm_head"]
+    monolithic = MONOLITHIC in parts
+    embeddings, lm_head = parts.get("embeddings"), parts.get("lm_head")
+    chunks = [parts[MONOLITHIC]] if monolithic else chunks_of(parts)
+    token_input = "input_ids" if monolithic else "hidden_states"  # what the stateful functions take
     problems = []
     meta_c, meta_b = bundle.meta_int("context_length"), bundle.meta_int("batch_size")
     declared_c, declared_b, hidden, states = set(), set(), set(), {}
@@ -113,18 +210,19 @@ def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int 
             continue
         missing_fns = {"infer", "prefill"} - set(part.functions)
         if missing_fns:
-            problems.append(f"{part.name} lacks function(s) {sorted(missing_fns)}; FFN chunks must declare infer "
-                            "and prefill")
+            problems.append(f"{part.name} lacks function(s) {sorted(missing_fns)}; "
+                            f"{'a monolithic model' if monolithic else 'FFN chunks'} must declare infer and prefill")
             continue
         for fn in ("infer", "prefill"):
             mask = part.feature(fn, "inputs", "causal_mask")
-            hs = part.feature(fn, "inputs", "hidden_states")
+            hs = part.feature(fn, "inputs", token_input)
             st = part.feature(fn, "states", STATE_NAME)
             if mask is None or hs is None or st is None:
-                problems.append(f"{part.name} {fn} lacks causal_mask, hidden_states or the {STATE_NAME} state")
+                problems.append(f"{part.name} {fn} lacks causal_mask, {token_input} or the {STATE_NAME} state")
                 continue
             declared_c.add(mask.shape[-1])
-            hidden.add(hs.shape[-1])
+            if not monolithic:
+                hidden.add(hs.shape[-1])
             states[f"{part.name}:{fn}"] = tuple(st.shape)
             if fn == "prefill":
                 declared_b.add(hs.shape[1])
@@ -162,22 +260,15 @@ def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int 
             have = _int(embeddings.metadata, key)
             if have is not None and want is not None and have != want:
                 problems.append(f"{embeddings.name}: metadata {key}={have}, chunks say {want}")
-    widths: list[int] = []
+    head_part = chunks[0] if monolithic else lm_head
+    head, widths = _check_head(bundle, head_part, "infer" if monolithic else None, problems)
     if lm_head is not None:
-        sig = lm_head.signature()
-        outs = [f for f in sig.outputs if f.name.startswith("logits")]
-        widths = [int(f.shape[-1]) if f.shape else 0 for f in outs]
-        split = bundle.split_lm_head
-        if split is not None and len(outs) != split:
-            problems.append(f"meta.yaml split_lm_head is {split} but {lm_head.name} has {len(outs)} logits outputs")
-        if [f.name for f in outs] != [f"logits{i}" for i in range(1, len(outs) + 1)]:
-            problems.append(f"{lm_head.name} outputs {[f.name for f in sig.outputs]}; expected logits1..logitsK")
         hs = lm_head.feature(None, "inputs", "hidden_states")
         if hs is not None:
             hidden.add(hs.shape[-1])
-        if widths and sum(widths) < tokenizer_size:
-            problems.append(f"the LM head covers {sum(widths)} token ids but the tokenizer has {tokenizer_size}; "
-                            "some tokens could never be scored")
+    if widths and sum(widths) < tokenizer_size:
+        problems.append(f"the LM head covers {sum(widths)} token ids but the tokenizer has {tokenizer_size}; "
+                        "some tokens could never be scored")
     if embeddings_width is not None:
         hidden.add(embeddings_width)
     if len(hidden) > 1:
@@ -189,7 +280,7 @@ def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int 
                             "and no readable declarations); add them to meta.yaml")
     state = next(iter(states.values()), None)
     return Geometry(context_length=C, batch_size=B, hidden_size=next(iter(hidden), 0), state_shape=state,
-                    logits_widths=widths)
+                    logits_widths=widths, head=head, monolithic=monolithic)
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a model directory's config.json is a few hundred bytes; refuse to parse more
@@ -236,11 +327,17 @@ def expected_geometry(bundle) -> tuple[Geometry, list[str]]:
              "config.json num_key_value_heads": kv, "config.json head_dim": d, "meta.yaml split_lm_head": K}
     unknown = [k for k, v in known.items() if v is None]
     state = (2 * L, kv, S, d) if None not in (L, kv, S, d) else None
-    # the head splits the vocabulary evenly; an unknown width leaves its shape unchecked, the output still expected
-    widths = [V // K if V and V % K == 0 else None] * K if K else None
-    if V and K and V % K:
-        unknown.append(f"logits widths (config.json vocab_size {V} is not divisible by split_lm_head {K})")
-    return Geometry(context_length=C, batch_size=B, hidden_size=H, state_shape=state, logits_widths=widths), unknown
+    layout = bundle.layout
+    V = V or layout.vocab_size
+    # the head's vocabulary chunks: meta.yaml's lm_head_chunk_sizes (0.3.5), else the converters' even split
+    # (V // K, the first V % K one larger); an unknown width leaves its shape unchecked, the output still expected
+    if layout.lm_head_chunk_sizes is not None:
+        widths = list(layout.lm_head_chunk_sizes)
+    else:
+        widths = (even_split(V, K) if V else [None] * K) if K else None
+    head = "argmax" if layout.argmax_in_model else "logits"
+    return Geometry(context_length=C, batch_size=B, hidden_size=H, state_shape=state, logits_widths=widths,
+                    head=head, monolithic=layout.monolithic), unknown
 
 
 def _shape(*dims):
@@ -252,11 +349,22 @@ def expected_interface(geometry: Geometry, num_chunks: int) -> dict:
     Shapes are tuples, or a tuple of alternatives for enumerated inputs; None = not checked (undeclared by the
     contract, or a value config.json/meta.yaml does not give)."""
     C, B, H = geometry.context_length, geometry.batch_size, geometry.hidden_size
+    if geometry.monolithic:
+        # llama_converter.convert_monolithic: input_ids -> embeddings -> all layers -> LM head; the prefill function
+        # never has the argmax ("argmax_in_model and not is_prefill") and returns row 0's logits
+        exp = {}
+        for fn, T in (("infer", 1), ("prefill", B)):
+            exp[(MONOLITHIC, fn, "inputs", "input_ids")] = (_shape(1, T), "int32")
+            exp[(MONOLITHIC, fn, "inputs", "position_ids")] = (_shape(T), "int32")
+            exp[(MONOLITHIC, fn, "inputs", "causal_mask")] = (_shape(1, 1, T, C), "fp16")
+            exp[(MONOLITHIC, fn, "inputs", "current_pos")] = ((1,), "int32")
+            exp[(MONOLITHIC, fn, "states", STATE_NAME)] = (geometry.state_shape, "fp16")
+            exp.update(_head_interface(geometry, MONOLITHIC, fn, argmax=fn == "infer"))
+        return exp
     exp = {("embeddings", "main", "inputs", "input_ids"): (None if B is None else ((1, 1), (1, B)), "int32"),
            ("embeddings", "main", "outputs", "hidden_states"): (None, "fp16"),
            ("lm_head", "main", "inputs", "hidden_states"): (_shape(1, 1, H), "fp16")}
-    for k, width in enumerate(geometry.logits_widths or [], start=1):
-        exp[("lm_head", "main", "outputs", f"logits{k}")] = (_shape(1, 1, width), "fp16")
+    exp.update(_head_interface(geometry, "lm_head", "main", argmax=True))
     for i in range(1, num_chunks + 1):
         part = f"chunk{i:02d}"
         for fn, T in (("infer", 1), ("prefill", B)):
@@ -268,6 +376,16 @@ def expected_interface(geometry: Geometry, num_chunks: int) -> dict:
             exp[(part, fn, "outputs", "output_hidden_states")] = (_shape(1, rows, H), "fp16")
             exp[(part, fn, "states", STATE_NAME)] = (geometry.state_shape, "fp16")
     return exp
+
+
+def _head_interface(geometry: Geometry, part: str, fn: str, argmax: bool) -> dict:
+    """The LM head's outputs: logits1..K (1, 1, width) fp16, or for an argmax head argmax_idx int32 [K] and
+    argmax_val fp16 [K] (llama_converter.convert_lm_head with argmax_in_model)."""
+    if argmax and geometry.head == "argmax":
+        k = (len(geometry.logits_widths),)
+        return {(part, fn, "outputs", "argmax_idx"): (k, "int32"), (part, fn, "outputs", "argmax_val"): (k, "fp16")}
+    return {(part, fn, "outputs", f"logits{k}"): (_shape(1, 1, width), "fp16")
+            for k, width in enumerate(geometry.logits_widths or [], start=1)}
 
 
 def declared_interface(parts: dict) -> dict:

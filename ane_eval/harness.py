@@ -10,6 +10,10 @@ context tokens are prefilled, and logits already computed for a shared position 
 multiple-choice question cost one context prefill and one `infer` per distinct continuation token.
 `prefix_reuse=False` is the naive algorithm (a fresh prefill for every request), kept for parity tests and
 benchmarks.
+
+An argmax LM head (ANEMLL 0.3.5 `argmax_in_model`) gives the greedy token and no distribution: greedy generation
+is exact, and loglikelihood, multiple-choice and rolling requests are refused before any of them runs
+(`NoDistributionError`, one line) — a score computed without a distribution would be a wrong number.
 """
 from __future__ import annotations
 
@@ -30,14 +34,28 @@ log = logging.getLogger("ane_eval")
 ROW_CACHE = 64  # logits rows kept for reuse (positions of the current prefix)
 SMALL_PREFILL = 2  # fewer new context tokens than this are fed with infer (a prefill pays for a whole batch)
 SAMPLING_KWARGS = {"do_sample", "temperature", "until", "max_gen_toks"}
+SCORED_OUTPUT_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")  # lm-eval's, need a distribution
+
+
+class NoDistributionError(ValueError):
+    """The model's LM head returns only the argmax per vocabulary chunk, so likelihoods cannot be computed."""
+
+
+def no_distribution(model, what: str) -> NoDistributionError:
+    return NoDistributionError(
+        f"{model.name}: its LM head returns only the argmax of each vocabulary chunk (argmax_in_model), not a "
+        f"distribution, so {what} cannot be scored; evaluate generation (generate_until) tasks with greedy "
+        "decoding, or convert the model without --argmax")
 
 
 class PrefixCache:
-    """Tracks what the model's KV cache holds and the logits rows computed for it."""
+    """Tracks what the model's KV cache holds and the rows computed for it: logits, or the greedy token for an
+    argmax head."""
 
     def __init__(self, model, reuse: bool = True):
         self.model, self.reuse = model, reuse
-        self.rows: dict[int, np.ndarray] = {}
+        self.rows: dict[int, np.ndarray | int] = {}
+        self._step = model.infer if getattr(model, "head", "logits") == "logits" else model.next_token
 
     def _truncate(self, length: int) -> None:
         self.rows = {p: r for p, r in self.rows.items() if p < length}
@@ -58,17 +76,18 @@ class PrefixCache:
             return
         if upto - common < SMALL_PREFILL:
             for p in range(common, upto):
-                self.rows[p] = self.model.infer(inp[p], p)
+                self.rows[p] = self._step(inp[p], p)
         else:
             self.model.prefill(inp[common:upto], start=common)
             self._truncate(common)
 
-    def logits(self, inp: list[int], p: int) -> np.ndarray:
-        """Logits for the token after position p (inp[:p+1] must be the cached prefix up to p-1 plus inp[p])."""
+    def row(self, inp: list[int], p: int):
+        """Logits (or an argmax head's greedy token) for the token after position p (inp[:p+1] must be the cached
+        prefix up to p-1 plus inp[p])."""
         history = self.model.history
         if p in self.rows and len(history) > p and history[:p + 1] == inp[:p + 1]:
             return self.rows[p]
-        row = self.model.infer(inp[p], p)
+        row = self._step(inp[p], p)
         self._truncate(p)
         self.rows[p] = row
         if len(self.rows) > ROW_CACHE:
@@ -130,6 +149,11 @@ class ANELM(TemplateLM):
         return self._max_length
 
     @property
+    def has_distribution(self) -> bool:
+        """False for an argmax LM head: only generation tasks (greedy) can be evaluated."""
+        return getattr(self.model, "head", "logits") == "logits"
+
+    @property
     def max_gen_toks(self) -> int:
         return self._max_gen_toks
 
@@ -166,7 +190,7 @@ class ANELM(TemplateLM):
         first = len(inp) - len(continuation)
         self.cache.feed(inp, first)
         for p in range(first, len(inp)):
-            yield full[p + 1], self.cache.logits(inp, p)
+            yield full[p + 1], self.cache.row(inp, p)
 
     def _score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
         if not continuation:
@@ -183,6 +207,8 @@ class ANELM(TemplateLM):
             token_list=list(tokens), prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        if not self.has_distribution:
+            raise no_distribution(self.model, f"{len(requests)} loglikelihood request(s)")
         # shared prefixes adjacent: lexicographic order of the (truncated) input tokens
         order = sorted(range(len(requests)), key=lambda i: (requests[i][1] + requests[i][2])[-(self.max_length + 1):])
         results: list = [None] * len(requests)
@@ -198,6 +224,8 @@ class ANELM(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        if not self.has_distribution:
+            raise no_distribution(self.model, f"{len(requests)} rolling loglikelihood request(s)")
         out = []
         for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="ane rolling loglikelihood"):
             windows = self.rolling_windows(self.tok_encode(string))
@@ -210,16 +238,23 @@ class ANELM(TemplateLM):
     # --- generation ------------------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
-        out = []
-        for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm, desc="ane generate"):
+        jobs = []
+        for context, gen_kwargs in [r.args for r in requests]:  # every request checked before any runs
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             unsupported = sorted(set(kwargs) - SAMPLING_KWARGS)
             if unsupported:
                 raise ValueError(f"ane: generation kwargs {unsupported} are not supported; use greedy decoding "
                                  "(do_sample=False) or temperature sampling")
-            text = self._generate(context, until, int(kwargs["max_gen_toks"]), bool(kwargs.get("do_sample")),
-                                  float(kwargs.get("temperature") or 0.0))
+            sample = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0.0) > 0
+            if sample and not self.has_distribution:
+                raise no_distribution(self.model, "sampled generation (do_sample with a temperature)")
+            jobs.append((context, gen_kwargs, until, int(kwargs["max_gen_toks"]), sample,
+                         float(kwargs.get("temperature") or 0.0)))
+        out = []
+        for context, gen_kwargs, until, max_gen_toks, sample, temperature in tqdm(jobs, disable=disable_tqdm,
+                                                                                  desc="ane generate"):
+            text = self._generate(context, until, max_gen_toks, sample, temperature)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
             out.append(text)
         return out
@@ -234,8 +269,8 @@ class ANELM(TemplateLM):
         pos, token, generated = len(ids) - 1, ids[-1], []
         seq = list(ids)
         while len(generated) < max_gen_toks and pos < self.max_length:
-            row = self.cache.logits(seq, pos)
-            token = self._pick(row, do_sample, temperature)
+            row = self.cache.row(seq, pos)
+            token = self._pick(row, do_sample, temperature) if self.has_distribution else row
             if token == self.eot_token_id:
                 break
             generated.append(token)

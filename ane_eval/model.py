@@ -1,8 +1,12 @@
-"""ANEModel: the prefill/infer protocol over embeddings -> FFN chunks -> LM head (ANEMLL-CONTRACT.md §4).
+"""ANEModel: the prefill/infer protocol over embeddings -> FFN chunks -> LM head (ANEMLL-CONTRACT.md §4), or over
+one monolithic file taking input_ids (ANEMLL 0.3.5).
 
 One KV-cache state is shared by every chunk and both functions. The model remembers which tokens its cache
 holds (`history`), so a caller can rewind to a shared prefix and feed only the new tokens: stale slots beyond the
 current position are hidden by the causal mask and overwritten later, so no state copy is ever needed.
+
+An argmax head (0.3.5 `argmax_in_model`) returns one (local index, value) pair per vocabulary chunk and no
+distribution: `next_token` works for every head, `infer` (logits) only for logits heads.
 """
 from __future__ import annotations
 
@@ -18,6 +22,10 @@ from .contract import ContractError
 
 class ContextOverflowError(ValueError):
     pass
+
+
+class NoLogitsError(ValueError):
+    """The model's LM head returns only the argmax per vocabulary chunk: there are no logits to give."""
 
 
 def causal_mask(context: int, first: int = 0, rows: int | None = None) -> np.ndarray:
@@ -36,16 +44,21 @@ class ANEModel:
         self.tokenizer = load_tokenizer(self.bundle)
         b = self.bundle
         self.parts = contract.describe_parts(b)
-        self.chunk_parts = contract.chunks_of(self.parts)
         load = self.backend_impl.load
-        self._embeddings = load(b.embeddings)
-        self._chunks = [(load(p, "infer"), load(p, "prefill")) for p in b.chunks]
-        self._lm_head = load(b.lm_head)
-        width = self._embedding_width()
+        self.monolithic = b.monolithic is not None
+        stages = [b.monolithic] if self.monolithic else b.chunks
+        # the parts with infer/prefill functions sharing the state
+        self.chunk_parts = [self.parts[contract.MONOLITHIC]] if self.monolithic else contract.chunks_of(self.parts)
+        self._chunks = [(load(p, "infer"), load(p, "prefill")) for p in stages]
+        self._embeddings = None if self.monolithic else load(b.embeddings)
+        self._lm_head = None if self.monolithic else load(b.lm_head)
+        width = None if self.monolithic else self._embedding_width()
         self.geometry = contract.cross_check(b, self.parts, len(self.tokenizer), embeddings_width=width)
         self.context_length = self.geometry.context_length
         self.batch_size = self.geometry.batch_size
         self.num_chunks = len(b.chunks)
+        self.head = self.geometry.head  # "logits" or "argmax"
+        self.prefill_rule = b.layout.prefill_rule
         self._hints = {"hidden_states": f"pad to the compiled batch {self.batch_size}",
                        "input_ids": f"input_ids are int32 of shape (1, 1) or (1, {self.batch_size})",
                        "causal_mask": f"the mask is fp16 (1, 1, rows, {self.context_length})",
@@ -74,8 +87,9 @@ class ANEModel:
         return list(self._history)
 
     def __repr__(self) -> str:
+        layout = "monolithic" if self.monolithic else f"chunks={self.num_chunks}"
         return (f"<ANEModel {self.name} backend={self.backend_impl.describe()} context={self.context_length} "
-                f"batch={self.batch_size} chunks={self.num_chunks}>")
+                f"batch={self.batch_size} {layout} head={self.head}>")
 
     # --- protocol --------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -84,8 +98,9 @@ class ANEModel:
         self._history: list[int] = []
 
     def prefill(self, token_ids, start: int = 0) -> None:
-        """Put `token_ids` at positions start.. in the cache, in batches of the compiled size (right-padded).
-        Positions before `start` must already hold the caller's prefix (from earlier calls)."""
+        """Put `token_ids` at positions start.. in the cache, by the layout's prefill rule (meta.Layout.prefill_rule):
+        0.3.4 in batches of the compiled size (the last right-padded); 0.3.5 full batches only, the rest token by
+        token through `infer`. Positions before `start` must already hold the caller's prefix (earlier calls)."""
         ids = [int(t) for t in token_ids]
         if start < 0 or start > len(self._history):
             raise ValueError(f"prefill start {start} is beyond the {len(self._history)} tokens in the cache")
@@ -97,6 +112,15 @@ class ANEModel:
         self._history = seq
         B, C = self.batch_size, self.context_length
         pos = start
+        if self.prefill_rule != "padded":
+            # chat.py run_prefill: `while batch_pos + batch_size <= context_pos` through prefill, then the remaining
+            # tokens one at a time through infer ("avoids padding issues"); no LM head is needed for them
+            while self.prefill_rule == "full_batches" and pos + B <= end:
+                self._run_prefill(pos, seq[pos:pos + B])
+                pos += B
+            for p in range(pos, end):
+                self._run_infer(seq[p], p, head=False)
+            return
         while pos < end:
             # a batch never runs past the context end: start it earlier and re-feed tokens already in the cache
             batch_pos = min(pos, C - B)
@@ -106,7 +130,36 @@ class ANEModel:
 
     def infer(self, token_id: int, pos: int) -> np.ndarray:
         """Logits (V,) float32 for the token after position `pos`, given `token_id` at `pos` and the cached
-        prefix 0..pos-1 (which must be in the cache)."""
+        prefix 0..pos-1 (which must be in the cache). Argmax heads have none: use `next_token`."""
+        if self.head != "logits":
+            raise NoLogitsError(f"{self.name}: the LM head returns only the argmax of each vocabulary chunk "
+                                "(argmax_in_model), no logits; use next_token for greedy decoding")
+        out = self._run_infer(token_id, pos)
+        return np.concatenate([out[f"logits{k}"].reshape(-1)
+                               for k in range(1, len(self.geometry.logits_widths) + 1)]).astype(np.float32)
+
+    def next_token(self, token_id: int, pos: int) -> int:
+        """The greedy token after position `pos` (as `infer`, for any head)."""
+        if self.head == "logits":
+            return int(self.infer(token_id, pos).argmax())
+        out = self._run_infer(token_id, pos)
+        # chat.py generate_next_token: the chunk with the largest value wins; its local index plus the chunk's
+        # offset is the token (first chunk on ties, as an argmax over the concatenated logits)
+        idx, val = out["argmax_idx"].reshape(-1), out["argmax_val"].reshape(-1).astype(np.float32)
+        widths = self.geometry.logits_widths
+        if idx.shape != (len(widths),) or val.shape != idx.shape:
+            raise ContractError(f"{self.name}: the LM head returned {idx.size} argmax pairs for {len(widths)} "
+                                "vocabulary chunks")
+        best = int(np.argmax(val))
+        local = int(idx[best])
+        if not 0 <= local < widths[best]:
+            raise ContractError(f"{self.name}: argmax_idx {local} of vocabulary chunk {best} is outside its "
+                                f"{widths[best]} entries")
+        return self.geometry.chunk_offsets[best] + local
+
+    # --- internals -------------------------------------------------------------------------------------------
+    def _run_infer(self, token_id: int, pos: int, head: bool = True) -> dict:
+        """One token through `infer` at `pos`; the LM head's outputs (with `head`)."""
         if pos < 0 or pos > len(self._history):
             raise ValueError(f"infer at position {pos} needs positions 0..{pos - 1} in the cache, which holds "
                              f"{len(self._history)}")
@@ -114,27 +167,33 @@ class ANEModel:
             raise ContextOverflowError(f"position {pos} is past the context length {self.context_length}; "
                                        "truncate the input")
         self._history = self._history[:pos] + [int(token_id)]
-        hidden = self._embed(np.array([[token_id]], dtype=np.int32))
         position = np.array([pos], dtype=np.int32)
-        mask = causal_mask(self.context_length, pos, 1)
-        for i, (infer, _) in enumerate(self._chunks):
-            inputs = {"hidden_states": hidden, "position_ids": position, "causal_mask": mask, "current_pos": position}
-            hidden = self._call(infer, self.chunk_parts[i], "infer", inputs)["output_hidden_states"]
+        inputs = {"position_ids": position, "causal_mask": causal_mask(self.context_length, pos, 1),
+                  "current_pos": position}
+        ids = np.array([[token_id]], dtype=np.int32)
         self.token_evaluations += 1
-        out = self._call(self._lm_head, self.parts["lm_head"], None, {"hidden_states": hidden})
-        return np.concatenate([out[f"logits{k}"].reshape(-1) for k in range(1, len(out) + 1)]).astype(np.float32)
+        if self.monolithic:  # chat.py generate_next_token_monolithic: input_ids straight in, head outputs out
+            return self._call(self._chunks[0][0], self.chunk_parts[0], "infer", {"input_ids": ids, **inputs})
+        hidden = self._embed(ids)
+        for i, (infer, _) in enumerate(self._chunks):
+            hidden = self._call(infer, self.chunk_parts[i], "infer",
+                                {"hidden_states": hidden, **inputs})["output_hidden_states"]
+        return self._call(self._lm_head, self.parts["lm_head"], None, {"hidden_states": hidden}) if head else {}
 
-    # --- internals -------------------------------------------------------------------------------------------
     def _run_prefill(self, batch_pos: int, rows: list[int]) -> None:
         B = self.batch_size
-        hidden = self._embed(np.array([rows], dtype=np.int32))
+        ids = np.array([rows], dtype=np.int32)
         inputs = {"position_ids": np.arange(batch_pos, batch_pos + B, dtype=np.int32),
                   "causal_mask": causal_mask(self.context_length, batch_pos, B),
                   "current_pos": np.array([batch_pos], dtype=np.int32)}
+        self.token_evaluations += B
+        if self.monolithic:  # chat.py run_monolithic_prefill; its logits (row 0) are discarded
+            self._call(self._chunks[0][1], self.chunk_parts[0], "prefill", {"input_ids": ids, **inputs})
+            return
+        hidden = self._embed(ids)
         for i, (_, prefill) in enumerate(self._chunks):
             out = self._call(prefill, self.chunk_parts[i], "prefill", {"hidden_states": hidden, **inputs})
             hidden = out["output_hidden_states"]  # the last chunk's prefill output is row 0 only: discarded
-        self.token_evaluations += B
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self._call(self._embeddings, self.parts["embeddings"], None, {"input_ids": ids})["hidden_states"]
@@ -155,4 +214,4 @@ def load_model(model_dir, backend: str = "auto", precision: str = "fp16", comput
     return ANEModel(model_dir, backend=backend, precision=precision, compute_units=compute_units)
 
 
-__all__ = ["ANEModel", "load_model", "causal_mask", "ContextOverflowError", "ContractError"]
+__all__ = ["ANEModel", "load_model", "causal_mask", "ContextOverflowError", "ContractError", "NoLogitsError"]

@@ -214,6 +214,7 @@ def ane_task(ane_session, ane_lm, ane_model, ane_model_info, ane_task_manager, a
     model (from a reset state), writes lm-eval's result files, gates it against the thresholds and the session's
     baseline, adds it to the summary and report, and fails the test with the verdict table if it did not pass."""
     from . import runner
+    from .harness import NoDistributionError
 
     s = ane_session
 
@@ -232,8 +233,14 @@ def ane_task(ane_session, ane_lm, ane_model, ane_model_info, ane_task_manager, a
             if s.allow_missing:
                 pytest.skip(str(e))
             pytest.fail(str(e), pytrace=False)
+        except NoDistributionError as e:  # an argmax LM head: the task is refused, never scored wrongly
+            refused = str(e)
+        else:
+            refused = None
         finally:
             ane_model.reset()
+        if refused:
+            pytest.fail(refused, pytrace=False)
         record = gate.task_record(results, name, limit=limit, model=ane_model_info,
                                   samples=results["samples"].get(name))
         baseline = s.baseline()

@@ -57,6 +57,7 @@ def evaluate(lm, tasks: list[str], tm, *, num_fewshot=None, limit=None, apply_ch
     tracker = EvaluationTracker(output_path=str(output_dir)) if output_dir else None
     gen_kwargs = {"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None
     try:
+        refuse_unscorable(lm, tasks, tm)
         results = lm_eval.simple_evaluate(
             model=lm, model_args=f"model={model_name}", tasks=list(tasks), task_manager=tm,
             num_fewshot=num_fewshot, limit=limit, apply_chat_template=apply_chat_template,
@@ -73,6 +74,20 @@ def evaluate(lm, tasks: list[str], tm, *, num_fewshot=None, limit=None, apply_ch
     if tracker is not None:
         _save(results, tracker, write_samples)
     return results
+
+
+def refuse_unscorable(lm, tasks, tm) -> None:
+    """A model without a distribution (an argmax LM head) refuses loglikelihood, multiple-choice and rolling tasks
+    before any request of any task runs: lm-eval runs request types one after another, so without this a
+    generation task listed first would run before the refusal."""
+    if getattr(lm, "has_distribution", True):
+        return
+    from .harness import SCORED_OUTPUT_TYPES, no_distribution
+
+    loaded = tm.load(list(tasks))["tasks"]
+    scored = sorted(n for n, t in loaded.items() if t.OUTPUT_TYPE in SCORED_OUTPUT_TYPES)
+    if scored:
+        raise no_distribution(lm.model, f"the task(s) {', '.join(scored)}")
 
 
 def _is_data_error(e: Exception) -> bool:

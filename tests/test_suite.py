@@ -188,3 +188,23 @@ def test_a_broken_conversion_fails_the_demo_suite(bug, tmp_path):
                  tmp_path / "out", "-k", "test_task and wikitext")
     assert proc.returncode == 1, proc.stdout[-2000:]
     assert "demo_wikitext did not pass:" in proc.stdout and "FAIL threshold" in proc.stdout
+
+
+def test_argmax_monolithic_demo_generates_and_refuses_scoring(tmp_path):
+    """The demo converted as an ANEMLL 0.3.5 monolithic model with an argmax head: its tensor and behavioural
+    contracts pass, the generation task passes its threshold, a loglikelihood task fails with the one-line refusal
+    (never a score)."""
+    from ane_eval import demo
+
+    model_dir = demo.model_dir(argmax=True, monolithic=True)
+    proc = suite("--model-dir", model_dir, "--suite", ROOT / "evals" / "suites" / "demo.yaml", "--limit", 20,
+                 "--output-dir", tmp_path, "-k", "contract or demo_qa or demo_boolq", "-q", "-rA")
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "PASSED evals/test_tasks.py::test_task[demo_qa]" in lines
+    assert [ln.split(" - ")[0] for ln in lines if ln.startswith("FAILED")] == [
+        "FAILED evals/test_tasks.py::test_task[demo_boolq]"]
+    assert ("its LM head returns only the argmax of each vocabulary chunk (argmax_in_model), not a distribution, "
+            "so the task(s) demo_boolq cannot be scored") in proc.stdout
+    assert "PASSED evals/test_contracts.py::test_tensor[monolithic-infer-outputs-argmax_idx]" in lines
+    assert "Traceback" not in proc.stdout

@@ -1,9 +1,13 @@
 """Hugging Face checkpoint → ANEMLL-layout model directory (`.mlpackage` parts, meta.yaml, tokenizer), on any OS.
 
     python -m ane_eval.build CHECKPOINT OUT [--context-length 512] [--batch-size 64] [--num-chunks 1] ...
+        [--argmax] [--monolithic] [--meta-version 0.3.5]
 
 Used for the demo model and test fixtures; mirrors what ANEMLL 0.3.4's converter produces (ANEMLL-CONTRACT.md),
-except that inputs upstream silently mangled are refused.
+except that inputs upstream silently mangled are refused. `--argmax` (an LM head returning the argmax of each
+vocabulary chunk), `--monolithic` (one file: embeddings + layers + LM head) and `--meta-version 0.3.5` write
+ANEMLL 0.3.5's layout (zkh2016/Anemll 4e77d00e: anemll/ane_converter/llama_converter.py,
+anemll/utils/combine_models.py, anemll/utils/generate_meta_yaml.py).
 """
 from __future__ import annotations
 
@@ -19,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import CheckpointError, read_arch, read_weights
-from .programs import STATE_NAME, embeddings_program, ffn_program, lm_head_program, lm_head_splits
+from .programs import (STATE_NAME, embeddings_program, ffn_program, lm_head_program, lm_head_splits,
+                       monolithic_program)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
-ANEMLL_VERSION = "0.3.4"
+ANEMLL_VERSION = "0.3.4"  # the layout written by default
+VERSIONS = ("0.3.4", "0.3.5")
 LUT_GROUP = 8  # output channels sharing one LUT (ANEMLL's per-grouped-channel palettization)
 
 
@@ -43,7 +49,14 @@ class BuildOptions:
     state_length: int | None = None  # default: the context length
     prefix: str | None = None  # default: the architecture family
     name: str | None = None
+    argmax: bool = False  # 0.3.5 --argmax: the LM head returns argmax_idx/argmax_val per vocabulary chunk
+    monolithic: bool = False  # 0.3.5 monolithic model: one file with infer and prefill
+    meta_version: str | None = None  # meta.yaml layout; default 0.3.4, or 0.3.5 when argmax/monolithic ask for it
     extra_meta: dict = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.meta_version or ("0.3.5" if self.argmax or self.monolithic else ANEMLL_VERSION)
 
 
 def check_options(arch, opts: BuildOptions) -> None:
@@ -67,7 +80,7 @@ def check_options(arch, opts: BuildOptions) -> None:
             problems.append(f"{key}={bits}: palettization supports 1, 2, 3, 4, 6 or 8 bits")
     # coremltools silently leaves a weight unpalettized when its output channels do not split into LUT groups,
     # which would make the lut_* names lie: refuse instead
-    if opts.lut_lmhead and K >= 1:
+    if (opts.lut_lmhead or (opts.monolithic and opts.lut_ffn)) and K >= 1:  # a monolithic head takes lut_ffn
         widths = sorted({w for w in lm_head_splits(V, K) if w % LUT_GROUP})
         if widths:
             problems.append(f"LM head parts of width {widths} cannot be palettized in groups of {LUT_GROUP} "
@@ -81,6 +94,14 @@ def check_options(arch, opts: BuildOptions) -> None:
                             f"{LUT_GROUP}")
     if opts.lut_embeddings and V % LUT_GROUP:
         problems.append(f"embeddings of {V} rows cannot be palettized in groups of {LUT_GROUP}")
+    if opts.version not in VERSIONS:
+        problems.append(f"meta version {opts.version!r}: choose one of {', '.join(VERSIONS)}")
+    elif (opts.argmax or opts.monolithic) and opts.version != "0.3.5":
+        problems.append("argmax heads and monolithic models are ANEMLL 0.3.5 layouts; drop --meta-version "
+                        f"{opts.version}")
+    if opts.monolithic and (opts.lut_lmhead or opts.lut_embeddings):
+        problems.append("a monolithic model takes one LUT for all its weights (upstream's lut_bits): use --lut-ffn "
+                        "only")
     if arch.num_heads % arch.num_kv_heads:
         problems.append(f"{arch.num_heads} attention heads are not a multiple of {arch.num_kv_heads} KV heads")
     if problems:
@@ -94,6 +115,8 @@ def _lut(bits: int | None) -> str:
 def part_names(prefix: str, opts: BuildOptions) -> dict:
     n = opts.num_chunks
     return {
+        # combine_models.combine_monolithic: {prefix}_monolithic_full[_lutN]
+        "monolithic": f"{prefix}_monolithic_full{_lut(opts.lut_ffn)}",
         "embeddings": f"{prefix}_embeddings{_lut(opts.lut_embeddings)}",
         "ffn": f"{prefix}_FFN_PF{_lut(opts.lut_ffn)}",
         "chunks": [f"{prefix}_FFN_PF{_lut(opts.lut_ffn)}_chunk_{i:02d}of{n:02d}" for i in range(1, n + 1)],
@@ -170,11 +193,26 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
     S = max(opts.state_length or C, C)
     per_chunk = arch.num_layers // N
     common = {"com.anemll.context_length": C, "com.anemll.num_chunks": N, "com.anemll.info": f"ane-eval builder, "
-              f"ANEMLL {ANEMLL_VERSION} layout, {arch.model_type}"}
+              f"ANEMLL {opts.version} layout, {arch.model_type}"}
+    widths = lm_head_splits(arch.vocab_size, opts.split_lm_head)
+    head_md = {}
+    if opts.version == "0.3.5":  # metadata.AddMetadata: written for the LM head (part 3) and monolithic models
+        head_md = {"com.anemll.vocab_size": arch.vocab_size,
+                   "com.anemll.lm_head_chunk_sizes": ",".join(map(str, widths)),
+                   **({"com.anemll.argmax_in_model": "true"} if opts.argmax else {})}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir.parent))
     try:
+        if opts.monolithic:
+            programs = {fn: monolithic_program(arch, weights, T, C, S, fn == "prefill", opts.split_lm_head, opts.argmax)
+                        for fn, T in (("infer", 1), ("prefill", B))}
+            _save_multifunction(tmp, programs, opts.lut_ffn, tmp / f"{names['monolithic']}.mlpackage",
+                                {"com.anemll.context_length": C, "com.anemll.info": common["com.anemll.info"],
+                                 "com.anemll.batch_size": B, "com.anemll.lut_bits": opts.lut_ffn or "none",
+                                 "com.anemll.functions": ",".join(programs), **head_md})
+            _finish(tmp, out_dir, opts, arch, names, checkpoint)
+            return out_dir
         emb_input = ct.TensorType(name="input_ids", dtype=np.int32,
                                   shape=ct.EnumeratedShapes(shapes=[[1, 1], [1, B]], default=[1, 1]))
         model = _convert(embeddings_program(arch, weights), opts.lut_embeddings, inputs=[emb_input],
@@ -185,67 +223,91 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
         for c in range(N):
             layers = range(c * per_chunk, (c + 1) * per_chunk)
             last = c == N - 1
-            parts = {}
-            for fn, T in (("infer", 1), ("prefill", B)):
-                prog = ffn_program(arch, weights, layers, T, C, S, last, prefill=(fn == "prefill"))
-                parts[fn] = tmp / f"{fn}.mlpackage"
-                _convert(prog, opts.lut_ffn).save(str(parts[fn]))
-            desc = ct.utils.MultiFunctionDescriptor()
-            for fn, path in parts.items():
-                desc.add_function(str(path), src_function_name="main", target_function_name=fn)
-            desc.default_function_name = "infer"
-            merged = tmp / "merged.mlpackage"
-            ct.utils.save_multifunction(desc, str(merged))
-            _save_with_metadata(merged, tmp / f"{names['chunks'][c]}.mlpackage",
+            programs = {fn: ffn_program(arch, weights, layers, T, C, S, last, prefill=(fn == "prefill"))
+                        for fn, T in (("infer", 1), ("prefill", B))}
+            _save_multifunction(tmp, programs, opts.lut_ffn, tmp / f"{names['chunks'][c]}.mlpackage",
                                 {**common, "com.anemll.batch_size": B, "com.anemll.chunk_no": c + 1,
                                  "com.anemll.lut_bits": opts.lut_ffn or "none"})
-            for path in (*parts.values(), merged):
-                shutil.rmtree(path)
 
-        model = _convert(lm_head_program(arch, weights, opts.split_lm_head), opts.lut_lmhead)
+        model = _convert(lm_head_program(arch, weights, opts.split_lm_head, argmax=opts.argmax), opts.lut_lmhead)
         _save_with_metadata(model, tmp / f"{names['lm_head']}.mlpackage",
-                            {**common, "com.anemll.lut_bits": opts.lut_lmhead or "none"})
-
-        _write_meta(tmp / "meta.yaml", opts, arch, names, checkpoint)
-        for f in TOKENIZER_FILES:
-            if (checkpoint / f).is_file():
-                shutil.copy2(checkpoint / f, tmp / f)
-        _write_stub_config(tmp / "config.json", arch)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+                            {**common, "com.anemll.lut_bits": opts.lut_lmhead or "none", **head_md})
+        _finish(tmp, out_dir, opts, arch, names, checkpoint)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
+def _save_multifunction(tmp: Path, programs: dict, bits: int | None, out: Path, metadata: dict) -> None:
+    """One file with a function per program (`infer` the default), as combine_models does with
+    ct.utils.save_multifunction; each function is palettized before the merge (the merge dedupes weights)."""
+    import coremltools as ct
+
+    parts = {}
+    for fn, prog in programs.items():
+        parts[fn] = tmp / f"{fn}.mlpackage"
+        _convert(prog, bits).save(str(parts[fn]))
+    desc = ct.utils.MultiFunctionDescriptor()
+    for fn, path in parts.items():
+        desc.add_function(str(path), src_function_name="main", target_function_name=fn)
+    desc.default_function_name = "infer"
+    merged = tmp / "merged.mlpackage"
+    ct.utils.save_multifunction(desc, str(merged))
+    _save_with_metadata(merged, out, metadata)
+    for path in (*parts.values(), merged):
+        shutil.rmtree(path)
+
+
+def _finish(tmp: Path, out_dir: Path, opts: BuildOptions, arch, names: dict, checkpoint: Path) -> None:
+    """meta.yaml, tokenizer and config stub next to the parts, then the directory moved into place."""
+    _write_meta(tmp / "meta.yaml", opts, arch, names, checkpoint)
+    for f in TOKENIZER_FILES:
+        if (checkpoint / f).is_file():
+            shutil.copy2(checkpoint / f, tmp / f)
+    _write_stub_config(tmp / "config.json", arch)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
 def _write_meta(path: Path, opts: BuildOptions, arch, names: dict, checkpoint: Path) -> None:
     import yaml
 
-    lut = lambda b: b if b else "none"  # noqa: E731
-    meta = {"model_info": {
-        "name": opts.name or f"anemll-{checkpoint.name}-ctx{opts.context_length}",
-        "version": ANEMLL_VERSION,
-        "description": f"{arch.model_type} converted by ane-eval's builder into the ANEMLL layout",
-        "architecture": arch.family,
-        "parameters": {
-            "context_length": opts.context_length,
-            "batch_size": opts.batch_size,
-            "lut_embeddings": lut(opts.lut_embeddings),
-            "lut_ffn": lut(opts.lut_ffn),
-            "lut_lmhead": lut(opts.lut_lmhead),
-            "num_chunks": opts.num_chunks,
-            "model_prefix": opts.prefix or arch.family,
-            # upstream names the compiled parts and leaves the chunk suffix off `ffn`
-            "embeddings": f"{names['embeddings']}.mlmodelc",
-            "lm_head": f"{names['lm_head']}.mlmodelc",
-            "ffn": f"{names['ffn']}.mlmodelc",
-            "split_lm_head": opts.split_lm_head,
-            **opts.extra_meta,
-        },
-    }}
+    info = {"name": opts.name or f"anemll-{checkpoint.name}-ctx{opts.context_length}"
+                    + ("-monolithic" if opts.monolithic else ""),
+            "version": opts.version,
+            "description": f"{arch.model_type} converted by ane-eval's builder into the ANEMLL layout",
+            "architecture": arch.family}
+    if opts.monolithic:
+        info["model_type"] = "monolithic"
+    meta = {"model_info": {**info, "parameters": {**_meta_params(opts, arch, names), **opts.extra_meta}}}
     path.write_text(yaml.safe_dump(meta, sort_keys=False))
+
+
+def _meta_params(opts: BuildOptions, arch, names: dict) -> dict:
+    """meta.yaml's parameters as upstream's generate_meta_yaml.py writes them. 0.3.4: `ffn` without the chunk
+    suffix. 0.3.5 (chunked `main`, `generate_monolithic_meta`): `ffn` with the first chunk's suffix, `vocab_size`
+    and `lm_head_chunk_sizes`, `argmax_in_model` when asked, `prefill_dynamic_slice` on (its default; these
+    programs write the KV cache at any `current_pos`); a monolithic model has `lut_bits`, `monolithic_model` and
+    `functions` instead of the part names."""
+    lut = lambda b: b if b else "none"  # noqa: E731
+    base = {"context_length": opts.context_length, "batch_size": opts.batch_size}
+    new = opts.version == "0.3.5"
+    head = {"split_lm_head": opts.split_lm_head}
+    if new:
+        head.update({**({"argmax_in_model": True} if opts.argmax else {}), "vocab_size": arch.vocab_size,
+                     "lm_head_chunk_sizes": lm_head_splits(arch.vocab_size, opts.split_lm_head),
+                     "prefill_dynamic_slice": True})
+    if opts.monolithic:
+        return {**base, "lut_bits": lut(opts.lut_ffn), "model_prefix": opts.prefix or arch.family,
+                "monolithic_model": f"{names['monolithic']}.mlmodelc", **head, "functions": ["infer", "prefill"]}
+    return {**base, "lut_embeddings": lut(opts.lut_embeddings), "lut_ffn": lut(opts.lut_ffn),
+            "lut_lmhead": lut(opts.lut_lmhead), "num_chunks": opts.num_chunks,
+            "model_prefix": opts.prefix or arch.family,
+            # upstream names the compiled parts
+            "embeddings": f"{names['embeddings']}.mlmodelc", "lm_head": f"{names['lm_head']}.mlmodelc",
+            "ffn": f"{names['chunks'][0] if new else names['ffn']}.mlmodelc", **head}
 
 
 def _write_stub_config(path: Path, arch) -> None:
@@ -268,6 +330,10 @@ def main(argv=None) -> int:
               "lut_embeddings", "state_length"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(BuildOptions, f))
     ap.add_argument("--prefix")
+    ap.add_argument("--argmax", action="store_true", help="LM head returns argmax_idx/argmax_val (ANEMLL 0.3.5)")
+    ap.add_argument("--monolithic", action="store_true", help="one file: embeddings + layers + LM head (0.3.5)")
+    ap.add_argument("--meta-version", choices=VERSIONS, help="meta.yaml layout (default 0.3.4, or 0.3.5 with "
+                    "--argmax/--monolithic)")
     args = vars(ap.parse_args(argv))
     checkpoint, out = args.pop("checkpoint"), args.pop("out")
     try:

@@ -1,4 +1,6 @@
-"""MIL programs with the same numerics as ANEMLL 0.3.4's converted models (ANEMLL-CONTRACT.md §3).
+"""MIL programs with the same numerics as ANEMLL 0.3.4's converted models (ANEMLL-CONTRACT.md §3), plus 0.3.5's
+argmax LM head and monolithic model (anemll/ane_converter/llama_converter.py at zkh2016/Anemll 4e77d00e:
+`convert_lm_head(argmax_in_model=True)`, `convert_monolithic`).
 
 Linear layers are 1×1 convs on (1, C, 1, T); RMSNorm is layer_norm over [x, −x]; RoPE tables are gathered by
 position; the KV cache is one fp16 state of shape (2L, Hkv, S, d) updated with slice_update; the causal mask is an
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..contract import even_split as lm_head_splits  # widths of the logits outputs: V//K, the first V%K one larger
 from .checkpoint import Arch
 
 F16 = np.float16
@@ -144,6 +147,31 @@ class Graph:
         return mb.add(x=x, y=self.from_conv_layout(down))
 
 
+def _stateful_specs(arch: Arch, first, T: int, context: int, state_len: int, prefill: bool) -> list:
+    """`first` (the token input), position_ids, causal_mask, current_pos and the KV-cache state."""
+    from coremltools.converters.mil.mil import types
+
+    mb = _mb()
+    state_shape = (2 * arch.num_layers, arch.num_kv_heads, state_len, arch.head_dim)
+    return [first, mb.TensorSpec(shape=(T,) if prefill else (1,), dtype=types.int32),
+            mb.TensorSpec(shape=(1, 1, T, context), dtype=types.fp16), mb.TensorSpec(shape=(1,), dtype=types.int32),
+            mb.StateTensorSpec(shape=state_shape, dtype=types.fp16)]
+
+
+def _decoder(g: Graph, x, layers: range, position_ids, causal_mask, current_pos, state, T: int, last: bool,
+             prefill: bool, name: str | None = None):
+    mb, H = g.mb, g.a.hidden_size
+    # infer takes its RoPE index from current_pos; position_ids is declared but unused, as upstream
+    positions = position_ids if prefill else current_pos
+    for i in layers:
+        x = g.layer(i, x, positions, causal_mask, current_pos, state, T)
+    if last and prefill:  # upstream returns row 0 un-normed: prefill output is never used for logits
+        return mb.slice_by_index(x=x, begin=_i32(0, 0, 0), end=_i32(1, 1, H), **({"name": name} if name else {}))
+    if last:
+        x = g.rmsnorm(x, "model.norm.weight", T)
+    return mb.identity(x=x, name=name) if name else x
+
+
 def ffn_program(arch: Arch, weights, layers: range, T: int, context: int, state_len: int, last: bool,
                 prefill: bool):
     """One function of one FFN chunk: `infer` (T = 1) or `prefill` (T = compiled batch)."""
@@ -151,28 +179,38 @@ def ffn_program(arch: Arch, weights, layers: range, T: int, context: int, state_
     from coremltools.converters.mil.mil import types
 
     mb = _mb()
-    H, state_shape = arch.hidden_size, (2 * arch.num_layers, arch.num_kv_heads, state_len, arch.head_dim)
-    specs = [
-        mb.TensorSpec(shape=(1, T, H), dtype=types.fp16),
-        mb.TensorSpec(shape=(T,) if prefill else (1,), dtype=types.int32),
-        mb.TensorSpec(shape=(1, 1, T, context), dtype=types.fp16),
-        mb.TensorSpec(shape=(1,), dtype=types.int32),
-        mb.StateTensorSpec(shape=state_shape, dtype=types.fp16),
-    ]
+    first = mb.TensorSpec(shape=(1, T, arch.hidden_size), dtype=types.fp16)
 
-    @mb.program(input_specs=specs, opset_version=ct.target.iOS18)
+    @mb.program(input_specs=_stateful_specs(arch, first, T, context, state_len, prefill),
+                opset_version=ct.target.iOS18)
     def program(hidden_states, position_ids, causal_mask, current_pos, model_model_kv_cache_0):
         g = Graph(arch, weights, context, state_len)
-        # infer takes its RoPE index from current_pos; position_ids is declared but unused, as upstream
-        positions = position_ids if prefill else current_pos
-        x = hidden_states
-        for i in layers:
-            x = g.layer(i, x, positions, causal_mask, current_pos, model_model_kv_cache_0, T)
-        if last and prefill:  # upstream returns row 0 un-normed: prefill output is never used for logits
-            return mb.slice_by_index(x=x, begin=_i32(0, 0, 0), end=_i32(1, 1, H), name="output_hidden_states")
-        if last:
-            x = g.rmsnorm(x, "model.norm.weight", T)
-        return mb.identity(x=x, name="output_hidden_states")
+        return _decoder(g, hidden_states, layers, position_ids, causal_mask, current_pos, model_model_kv_cache_0, T,
+                        last, prefill, name="output_hidden_states")
+
+    return program
+
+
+def monolithic_program(arch: Arch, weights, T: int, context: int, state_len: int, prefill: bool, parts: int,
+                       argmax: bool):
+    """One function of a monolithic model (llama_converter.convert_monolithic): input_ids -> embeddings -> every
+    layer -> LM head. `prefill` returns the logits of row 0 (un-normed, never used) and never the argmax
+    ("argmax_in_model and not is_prefill")."""
+    import coremltools as ct
+    from coremltools.converters.mil.mil import types
+
+    mb = _mb()
+    table = weights["model.embed_tokens.weight"].astype(F16)
+    first = mb.TensorSpec(shape=(1, T), dtype=types.int32)
+
+    @mb.program(input_specs=_stateful_specs(arch, first, T, context, state_len, prefill),
+                opset_version=ct.target.iOS18)
+    def program(input_ids, position_ids, causal_mask, current_pos, model_model_kv_cache_0):
+        g = Graph(arch, weights, context, state_len)
+        x = mb.gather(x=table, indices=input_ids, axis=0)
+        x = _decoder(g, x, range(arch.num_layers), position_ids, causal_mask, current_pos, model_model_kv_cache_0,
+                     T, True, prefill)
+        return _lm_head_outputs(mb, x, _lm_head_weight(arch, weights), parts, argmax and not prefill)
 
     return program
 
@@ -192,30 +230,45 @@ def embeddings_program(arch: Arch, weights):
     return program
 
 
-def lm_head_splits(vocab: int, parts: int) -> list[int]:
-    """Widths of the logits outputs: V//K each, the first V%K one larger (equal when K divides V)."""
-    base, extra = divmod(vocab, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
 
 
-def lm_head_program(arch: Arch, weights, parts: int):
+def _lm_head_weight(arch: Arch, weights) -> np.ndarray:
+    key = "model.embed_tokens.weight" if arch.tie_word_embeddings or "lm_head.weight" not in weights else "lm_head.weight"
+    return weights[key].astype(F16)
+
+
+def _lm_head_outputs(mb, hidden_states, full: np.ndarray, parts: int, argmax: bool) -> tuple:
+    """logits1..K (1, 1, width) from (1, 1, H); with `argmax`, per vocabulary chunk the local index of its largest
+    logit and that logit instead, as llama_converter's LMHeadWrapper(argmax_mode=True): torch.argmax(keepdim) cast
+    to int32, torch.gather of the value, both concatenated over chunks and squeezed to [K]. Ties resolve to the
+    first index, within a chunk and (on the host) across chunks, like an argmax over the concatenated logits."""
+    widths = lm_head_splits(full.shape[0], parts)
+    starts = np.cumsum([0] + widths)
+    x = mb.expand_dims(x=mb.transpose(x=hidden_states, perm=[0, 2, 1]), axes=[2])  # (1, H, 1, 1)
+    logits = []
+    for i, width in enumerate(widths):
+        w = full[starts[i]:starts[i + 1]][:, :, None, None]
+        logits.append(mb.reshape(x=mb.conv(x=x, weight=w), shape=_i32(1, 1, width),
+                                 **({} if argmax else {"name": f"logits{i + 1}"})))
+    if not argmax:
+        return tuple(logits)
+    idx = [mb.reduce_argmax(x=chunk, axis=-1, keep_dims=True) for chunk in logits]  # (1, 1, 1) int32
+    val = [mb.gather_along_axis(x=chunk, indices=i, axis=-1) for chunk, i in zip(logits, idx)]
+    k = _i32(len(widths))
+    return (mb.reshape(x=mb.concat(values=idx, axis=-1), shape=k, name="argmax_idx"),
+            mb.reshape(x=mb.concat(values=val, axis=-1), shape=k, name="argmax_val"))
+
+
+def lm_head_program(arch: Arch, weights, parts: int, argmax: bool = False):
     import coremltools as ct
     from coremltools.converters.mil.mil import types
 
     mb = _mb()
-    H = arch.hidden_size
-    key = "model.embed_tokens.weight" if arch.tie_word_embeddings or "lm_head.weight" not in weights else "lm_head.weight"
-    full = weights[key].astype(F16)
-    widths = lm_head_splits(full.shape[0], parts)
-    starts = np.cumsum([0] + widths)
+    full = _lm_head_weight(arch, weights)
 
-    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 1, H), dtype=types.fp16)], opset_version=ct.target.iOS18)
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 1, arch.hidden_size), dtype=types.fp16)],
+                opset_version=ct.target.iOS18)
     def program(hidden_states):
-        x = mb.expand_dims(x=mb.transpose(x=hidden_states, perm=[0, 2, 1]), axes=[2])  # (1, H, 1, 1)
-        outs = []
-        for i, width in enumerate(widths):
-            w = full[starts[i]:starts[i + 1]][:, :, None, None]
-            outs.append(mb.reshape(x=mb.conv(x=x, weight=w), shape=_i32(1, 1, width), name=f"logits{i + 1}"))
-        return tuple(outs)
+        return _lm_head_outputs(mb, hidden_states, full, parts, argmax)
 
     return program
