@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import contract
-from .backends import coreml_available
+from .backends import auto_backend, coreml_available
 from .bundle import Bundle, discover, load_tokenizer
 
 
@@ -54,7 +54,7 @@ def _program_facts(path: Path) -> dict:
 
 def model_card(model_dir) -> dict:
     model_dir = Path(model_dir)
-    backend = "coreml" if coreml_available()[0] else "mil"
+    backend = auto_backend()[0]
     bundle: Bundle = discover(model_dir, backend=backend)
     card = {"directory": str(model_dir), "name": bundle.name, "architecture": bundle.architecture,
             "meta": bundle.meta, "parts": [], "backends": _backends()}

@@ -82,11 +82,11 @@ def _contract_view(config) -> tuple[dict, dict]:
 
 def _read_contract_view(s) -> tuple[dict, dict]:
     from ane_eval import contract
-    from ane_eval.backends import coreml_available
+    from ane_eval.backends import resolve
     from ane_eval.bundle import discover, load_tokenizer
-    from ane_eval.cli import resolve_model
+    from ane_eval.model import resolve_model
 
-    bundle = discover(resolve_model(s.model_arg), backend="coreml" if coreml_available()[0] else "mil")
+    bundle = discover(resolve_model(s.model_arg), backend=resolve(s.backend))
     parts = contract.describe_parts(bundle)
     geometry = contract.cross_check(bundle, parts, len(load_tokenizer(bundle)))
     return contract.expected_interface(geometry, len(bundle.chunks)), contract.declared_interface(parts)
@@ -107,7 +107,7 @@ def ane_session(request) -> Session:
 
 @pytest.fixture(scope="session")
 def model_dir(ane_session) -> Path:
-    from ane_eval.cli import resolve_model
+    from ane_eval.model import resolve_model
 
     return resolve_model(ane_session.model_arg)
 
