@@ -72,9 +72,9 @@ class _Predictor:
                 if not _is_busy(e):
                     raise BackendError(f"{self.where}: CoreML prediction failed: {coreml_reason(e)}") from None
                 last = e
-        raise ANEBusyError(f"{self.where}: the Neural Engine stayed busy after {len(RETRY_DELAYS)} retries "
-                           f"({coreml_reason(last)}); another process is using it: evaluate one model at a time") \
-            from None
+        raise ANEBusyError(f"{self.where}: the Neural Engine still timed out after {len(RETRY_DELAYS)} retries "
+                           f"({coreml_reason(last)}); another process is probably using it: evaluate one model at "
+                           "a time") from None
 
 
 class CoreMLBackend:
