@@ -192,8 +192,9 @@ def test_compiled_copy_fingerprints_as_its_package(demo_dir, tmp_path):
 def test_appledouble_files_are_ignored(demo_dir, tmp_path):
     d = tmp_path / "model"
     shutil.copytree(demo_dir, d)
-    for p in list(d.iterdir()):
-        (d / f"._{p.name}").write_bytes(b"\0\5\26\7")  # AppleDouble header, as macOS writes on exFAT/SMB
+    (d / "meta.yaml").unlink()  # found by file pattern, as without meta.yaml or with names that do not match
+    for p in [*d.iterdir(), *d.rglob("weight.bin")]:
+        (p.parent / f"._{p.name}").write_bytes(b"\0\5\26\7")  # AppleDouble header, as macOS writes on exFAT/SMB
     b = discover(d)
     assert [p.name for p in [b.embeddings, *b.chunks, b.lm_head]] == [
         "llama_embeddings.mlpackage", "llama_FFN_PF_chunk_01of02.mlpackage", "llama_FFN_PF_chunk_02of02.mlpackage",
