@@ -219,10 +219,6 @@ def activate(monkeypatch) -> Emulator:
     return STATE
 
 
-def emulator() -> Emulator:
-    return STATE
-
-
 # --- activation for whole processes (test-only entry points) ---------------------------------------------------
 def pytest_configure(config):
     """`-p tests.coreml_emulator`: the pytest session runs on an emulated Mac."""

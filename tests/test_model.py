@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import ane_eval
-from ane_eval.backends import BackendError, coreml_available, select
+from ane_eval.backends import BackendError, auto_backend, coreml_available, select
 from ane_eval.bundle import BundleError, discover
 from ane_eval.contract import ContractError
 from ane_eval.mil import BlobError
@@ -135,7 +135,7 @@ def test_contract_check_on_every_call(model, monkeypatch):
 
 def test_auto_backend_says_which(demo_dir):
     m = ane_eval.load_model(demo_dir, backend="auto")
-    assert m.backend == ("coreml" if coreml_available()[0] else "mil")
+    assert m.backend == auto_backend()[0]
     assert f"backend={m.backend}" in repr(m)
     with pytest.raises(BackendError, match="unknown backend 'tpu'"):
         select("tpu")
