@@ -134,6 +134,7 @@ class ModelLoader:
                                                  compute_units=s.compute_units)
             except (ValueError, OSError, RuntimeError) as e:
                 _stop(e)
+            s.backend_used = self.model.backend_impl.describe()  # what `auto` resolved to, for the report
         return self.model
 
 
@@ -197,7 +198,7 @@ def pytest_sessionfinish(session, exitstatus):
     if s is None or not s.rows:
         return
     model = s.records and next(iter(s.records.values())).get("model", {}) or {}
-    summary = gate.write_summary(s.output_dir / "summary.md", s.rows, model, s.backend)
+    summary = gate.write_summary(s.output_dir / "summary.md", s.rows, model, getattr(s, "backend_used", s.backend))
     lines = [f"ane-eval: summary written to {summary}"]
     if s.update_baseline:
         if exitstatus == 0 and not s.failed:

@@ -213,12 +213,14 @@ def test_evals_suite_on_an_emulated_mac(tmp_path):
     and the macOS version."""
     bench = tmp_path / "bench.json"
     proc = _run(["pytest", "-p", "tests.coreml_emulator", "evals", "-q", "-p", "no:cacheprovider", "--output-dir",
-                 tmp_path, "--benchmark-json", bench])
+                 tmp_path, "--benchmark-enable", "--benchmark-json", bench])
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout and "skipped" not in proc.stdout
-    assert "backend: coreml" in (tmp_path / "summary.md").read_text()
-    info = json.loads(bench.read_text())["benchmarks"][0]["extra_info"]
-    assert (info["backend"], info["compute_units"], info["os"]) == ("coreml (CPU_AND_NE)", "CPU_AND_NE", "macOS 15.5")
+    assert "backend: coreml (CPU_AND_NE)" in (tmp_path / "summary.md").read_text()
+    benchmarks = json.loads(bench.read_text())["benchmarks"]
+    assert len(benchmarks) == 5 and all(
+        (b["extra_info"]["backend"], b["extra_info"]["compute_units"], b["extra_info"]["os"], b["extra_info"]["chip"])
+        == ("coreml (CPU_AND_NE)", "CPU_AND_NE", "macOS 15.5", coreml_emulator.CHIP) for b in benchmarks)
 
 
 def test_cli_on_an_emulated_mac(tmp_path):
