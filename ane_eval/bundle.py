@@ -18,6 +18,12 @@ EXTENSIONS = {"mil": ("mlpackage", "mlmodelc"), "coreml": ("mlmodelc", "mlpackag
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+def _visible(paths) -> list[Path]:
+    """Without AppleDouble files: macOS writes `._<name>` beside every file it copies to exFAT/FAT/SMB volumes
+    (resource forks and extended attributes); they match the part patterns but are not models."""
+    return [p for p in paths if not p.name.startswith("._")]
+
+
 class BundleError(ValueError):
     """The directory is not a usable ANEMLL model; the message lists every problem found."""
 
@@ -100,7 +106,7 @@ def _find_part(root: Path, declared: str | None, pattern: str, exts: tuple, what
         candidates = [root / f"{stem}.{ext}" for ext in exts if (root / f"{stem}.{ext}").exists()]
     if not candidates:
         for ext in exts:
-            found = sorted(p for p in root.glob(f"{pattern}.{ext}") if "_chunk_" not in p.name)
+            found = sorted(p for p in _visible(root.glob(f"{pattern}.{ext}")) if "_chunk_" not in p.name)
             if len(found) > 1:
                 problems.append(f"several {what} files ({', '.join(p.name for p in found)}); keep one")
                 return None
@@ -108,7 +114,7 @@ def _find_part(root: Path, declared: str | None, pattern: str, exts: tuple, what
                 candidates = found
                 break
     if not candidates:
-        others = [p.name for p in root.glob(f"{pattern}.*")]
+        others = [p.name for p in _visible(root.glob(f"{pattern}.*"))]
         hint = f" (found {', '.join(others)}, which this backend cannot load)" if others else ""
         problems.append(f"no {what} part ({pattern}.{' or .'.join(exts)}){hint}")
         return None
@@ -120,7 +126,7 @@ def _find_chunks(root: Path, ffn: str | None, exts: tuple, problems: list) -> li
     stem = _stem(ffn)
     if stem and (m := CHUNK.match(f"{stem}.mlpackage")):
         stem = m["stem"]  # 0.3.5 names the first chunk (`..._chunk_01of02`); 0.3.4 leaves the suffix off
-    found = [(m, p) for p in root.iterdir() if (m := CHUNK.match(p.name)) and m["ext"] in exts]
+    found = [(m, p) for p in _visible(root.iterdir()) if (m := CHUNK.match(p.name)) and m["ext"] in exts]
     if stem and any(m["stem"] == stem for m, _ in found):
         found = [(m, p) for m, p in found if m["stem"] == stem]
     if not found:
@@ -215,18 +221,33 @@ def load_tokenizer(bundle: Bundle):
                           f"{str(e).splitlines()[0]})") from None
 
 
+def _weight_files(part: Path) -> list[tuple[str, Path]]:
+    """(name inside the weights folder, file) of a part: `Data/com.apple.CoreML/weights/` in a package, `weights/`
+    in a compiled model; the same blob files either way."""
+    files = sorted(f for f in _visible(part.rglob("*")) if f.is_file() and f.parent.name == "weights")
+    return [(f.name, f) for f in files]
+
+
 def fingerprint(bundle: Bundle) -> str:
-    """A stable identity of the model files: program specs and metadata in full, weight files by size and sampled
-    content (first, middle and last MiB), so multi-GB models fingerprint in well under a second."""
+    """The model's identity, not its container's: the weight blobs each part computes with, by role, so the
+    `.mlpackage` a conversion wrote and its compiled `.mlmodelc` copy fingerprint the same (a baseline made on
+    Linux gates the Mac). Files by size and sampled content (first, middle and last MiB): multi-GB models
+    fingerprint in well under a second. Parts without weight files (none known) count by their whole content."""
     import hashlib
 
     h = hashlib.sha256()
     sample = 1 << 20
-    for part in bundle.files:
-        files = sorted(f for f in part.rglob("*") if f.is_file()) if part.is_dir() else [part]
-        for f in files:
+    roles = [("monolithic", bundle.monolithic)] if bundle.monolithic is not None else [
+        ("embeddings", bundle.embeddings), *((f"chunk{i:02d}", p) for i, p in enumerate(bundle.chunks, 1)),
+        ("lm_head", bundle.lm_head)]
+    for role, part in roles:
+        files = _weight_files(part) if part.is_dir() else []
+        if not files:
+            files = [(str(f.relative_to(part)), f) for f in sorted(_visible(part.rglob("*"))) if f.is_file()] \
+                if part.is_dir() else [(part.name, part)]
+        for name, f in files:
             size = f.stat().st_size
-            h.update(f"{f.relative_to(part.parent)}:{size}".encode())
+            h.update(f"{role}/{name}:{size}".encode())
             with open(f, "rb") as fh:
                 if size <= 3 * sample:
                     h.update(fh.read())
@@ -237,5 +258,12 @@ def fingerprint(bundle: Bundle) -> str:
     return h.hexdigest()
 
 
+def file_set(bundle: Bundle) -> str:
+    """Which files ran: "mlpackage", "mlmodelc" or "mixed" (CoreML prefers a compiled copy beside a package)."""
+    kinds = {p.suffix.lstrip(".") for p in bundle.files}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
 def model_info(bundle: Bundle) -> dict:
-    return {"name": bundle.name, "path": str(bundle.root), "fingerprint": fingerprint(bundle)}
+    return {"name": bundle.name, "path": str(bundle.root), "fingerprint": fingerprint(bundle),
+            "files": file_set(bundle)}

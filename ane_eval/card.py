@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import contract
-from .backends import coreml_available
+from .backends import auto_backend, coreml_available
 from .bundle import Bundle, discover, load_tokenizer
 
 
@@ -55,7 +55,7 @@ def _program_facts(path: Path) -> dict:
 
 def model_card(model_dir) -> dict:
     model_dir = Path(model_dir)
-    backend = "coreml" if coreml_available()[0] else "mil"
+    backend = auto_backend()[0]
     bundle: Bundle = discover(model_dir, backend=backend)
     described = contract.describe_parts(bundle)
     layout = bundle.layout

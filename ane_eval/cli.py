@@ -18,15 +18,9 @@ import sys
 from pathlib import Path
 
 
-def resolve_model(arg: str) -> Path:
-    if arg == "demo":
-        from . import demo
-        return demo.model_dir()
-    return Path(arg)
-
-
 def cmd_inspect(args) -> int:
     from .card import format_card, model_card
+    from .model import resolve_model
 
     card = model_card(resolve_model(args.model_dir))
     print(json.dumps(card, indent=2, default=str) if args.json else format_card(card))
@@ -37,7 +31,7 @@ def cmd_run(args) -> int:
     from . import gate, runner
     from .bundle import model_info
     from .harness import ANELM
-    from .model import load_model
+    from .model import load_model, resolve_model
     from .report import ReportData, write_report
 
     tm = runner.task_manager(args.include_path)

@@ -68,10 +68,27 @@ def chunks_of(parts: dict) -> list:
     return [p for role, p in parts.items() if role.startswith("chunk")]
 
 
+@dataclass(frozen=True)
+class Boundary:
+    """How a backend hands declared fp16 tensors across its Python boundary: which array dtypes stand for fp16,
+    and whether a float32 standing for fp16 must hold fp16 values (else the backend would round it, and what ran
+    would not be what was fed)."""
+    fp16_dtypes: tuple = (np.float16,)
+    exact: bool = True
+
+
+NATIVE = Boundary()                                             # the portable runtime, fp16: float16 arrays
+WIDE = Boundary((np.float16, np.float32), exact=False)          # its fp32 reference mode: never rounds to fp16
+# CoreML: coremltools converts float16 inputs to float32 before the binding (models/model.py
+# `_update_float16_multiarray_input_to_float32`) and returns fp16 outputs as float32 (coremlpython/
+# CoreMLPythonUtils.mm `convertArrayValueToPython`); CoreML rounds float32 into the Float16 input itself.
+COREML = Boundary((np.float32, np.float16), exact=True)
+
+
 def check_inputs(where: str, signature: ir.Signature, inputs: dict, hints: dict | None = None,
-                 widen_fp16: bool = False) -> None:
-    """Every declared input present with its declared shape and dtype, nothing undeclared. `widen_fp16` lets
-    float32 stand for fp16 (the portable runtime's fp32 reference mode, which never rounds to fp16)."""
+                 boundary: Boundary = NATIVE) -> None:
+    """Every declared input present with its declared shape and dtype, nothing undeclared. A declared fp16 input
+    takes the dtypes of the backend's `boundary`; integer inputs take exactly their declared dtype."""
     declared = {f.name: f for f in signature.inputs}
     extra = sorted(set(inputs) - set(declared))
     missing = [n for n in declared if n not in inputs]
@@ -81,12 +98,19 @@ def check_inputs(where: str, signature: ir.Signature, inputs: dict, hints: dict 
     for name, f in declared.items():
         v = inputs[name]
         want = ir.NUMPY_DTYPES.get(f.dtype)
-        if widen_fp16 and want is np.float16 and isinstance(v, np.ndarray) and v.dtype == np.float32:
-            want = np.float32
-        if not isinstance(v, np.ndarray) or (want is not None and v.dtype != want) or not f.accepts(v.shape):
+        allowed = boundary.fp16_dtypes if want is np.float16 else (want,)
+        if not isinstance(v, np.ndarray) or (want is not None and v.dtype not in allowed) or not f.accepts(v.shape):
             got = f"{v.shape} {v.dtype}" if isinstance(v, np.ndarray) else type(v).__name__
             hint = (hints or {}).get(name)
             raise ContractError(f"{where} expects {name} {f.expected()}, got {got}" + (f"; {hint}" if hint else ""))
+        if want is np.float16 and boundary.exact and v.dtype != np.float16 and not _holds_fp16(v):
+            raise ContractError(f"{where}: {name} holds values that are not fp16; the model would round them, so "
+                                "what runs is not what was fed: round to fp16 first (.astype(np.float16))")
+
+
+def _holds_fp16(v: np.ndarray) -> bool:
+    with np.errstate(over="ignore"):
+        return bool(np.array_equal(v.astype(np.float16).astype(v.dtype), v, equal_nan=True))
 
 
 def _int(md: dict, key: str) -> int | None:

@@ -352,7 +352,8 @@ def write_summary(path, rows: list[Row], model: dict, backend: str, images=()) -
     path.parent.mkdir(parents=True, exist_ok=True)
     verdict = "FAILED" if any(r.failed for r in rows) else "passed"
     text = (f"# ane-eval summary: {verdict}\n\nmodel: `{model.get('name')}` ({model.get('path')}), fingerprint "
-            f"`{str(model.get('fingerprint'))[:12]}`, backend: {backend}\n\n" + format_table(rows, markdown=True) + "\n")
+            f"`{str(model.get('fingerprint'))[:12]}` ({model.get('files', '?')} files), backend: {backend}\n\n"
+            + format_table(rows, markdown=True) + "\n")
     text += "".join(f"\n![{Path(p).stem}]({Path(p).name})\n" for p in images)
     path.write_text(text)
     return path

@@ -112,8 +112,7 @@ class ANELM(TemplateLM):
                  batch_size=1, **ignored):
         super().__init__()
         if model is None:
-            from .cli import resolve_model
-            from .model import load_model
+            from .model import load_model, resolve_model
             model = load_model(resolve_model(str(model_dir)), backend=backend, precision=precision,
                                compute_units=compute_units)
         self.model = model

@@ -28,11 +28,20 @@ class NoLogitsError(ValueError):
     """The model's LM head returns only the argmax per vocabulary chunk: there are no logits to give."""
 
 
-def causal_mask(context: int, first: int = 0, rows: int | None = None) -> np.ndarray:
+def causal_mask(context: int, first: int = 0, rows: int | None = None, dtype=np.float16) -> np.ndarray:
     """Additive fp16 (1, 1, rows, C) for the queries at positions first.. (all C by default): 0 where key <= query,
-    -inf elsewhere. Built per call: the whole C x C mask of a 4096-token context would hold 32 MB."""
+    -inf elsewhere (both exact in fp16, so `dtype` float32 holds the same values). Built per call: the whole
+    C x C mask of a 4096-token context would hold 32 MB."""
     queries = np.arange(first, first + (context if rows is None else rows))[:, None]
-    return np.where(np.arange(context) <= queries, np.float16(0), np.float16(-np.inf))[None, None]
+    return np.where(np.arange(context) <= queries, dtype(0), dtype(-np.inf))[None, None]
+
+
+def resolve_model(arg) -> Path:
+    """A model directory argument: `demo` stands for the embedded demo model (built on first use)."""
+    if str(arg) == "demo":
+        from . import demo
+        return demo.model_dir()
+    return Path(arg)
 
 
 class ANEModel:
@@ -63,7 +72,11 @@ class ANEModel:
                        "input_ids": f"input_ids are int32 of shape (1, 1) or (1, {self.batch_size})",
                        "causal_mask": f"the mask is fp16 (1, 1, rows, {self.context_length})",
                        "position_ids": "position_ids are int32", "current_pos": "current_pos is int32 (1,)"}
-        self._widen_fp16 = self.backend == "mil" and precision == "fp32"
+        self.boundary = self.backend_impl.boundary
+        # the dtype our own fp16 tensors (masks) cross the boundary in: float32 on CoreML, where coremltools would
+        # otherwise convert each fp16 array into a temporary float32 copy of its own
+        self._fp16 = self.boundary.fp16_dtypes[0]
+        self._in_flight: dict = {}
         self.token_evaluations = 0  # embedding rows pushed through the chunks (prefill rows + infer tokens)
         self.reset()
 
@@ -168,7 +181,7 @@ class ANEModel:
                                        "truncate the input")
         self._history = self._history[:pos] + [int(token_id)]
         position = np.array([pos], dtype=np.int32)
-        inputs = {"position_ids": position, "causal_mask": causal_mask(self.context_length, pos, 1),
+        inputs = {"position_ids": position, "causal_mask": causal_mask(self.context_length, pos, 1, self._fp16),
                   "current_pos": position}
         ids = np.array([[token_id]], dtype=np.int32)
         self.token_evaluations += 1
@@ -184,7 +197,7 @@ class ANEModel:
         B = self.batch_size
         ids = np.array([rows], dtype=np.int32)
         inputs = {"position_ids": np.arange(batch_pos, batch_pos + B, dtype=np.int32),
-                  "causal_mask": causal_mask(self.context_length, batch_pos, B),
+                  "causal_mask": causal_mask(self.context_length, batch_pos, B, self._fp16),
                   "current_pos": np.array([batch_pos], dtype=np.int32)}
         self.token_evaluations += B
         if self.monolithic:  # chat.py run_monolithic_prefill; its logits (row 0) are discarded
@@ -199,8 +212,12 @@ class ANEModel:
         return self._call(self._embeddings, self.parts["embeddings"], None, {"input_ids": ids})["hidden_states"]
 
     def _call(self, predictor, part, function, inputs: dict) -> dict:
-        where = f"{part.name} {function}" if function else part.name
-        contract.check_inputs(where, part.signature(function), inputs, self._hints, widen_fp16=self._widen_fp16)
+        if part is not None:
+            where = f"{part.name} {function}" if function else part.name
+            contract.check_inputs(where, part.signature(function), inputs, self._hints, boundary=self.boundary)
+        # CoreML keeps the NumPy buffers it was given inside objects it releases later on its own queue: keep each
+        # part's inputs referenced until that part is called again
+        self._in_flight[id(predictor)] = inputs
         state = self._state if function else None
         return predictor.predict(inputs, state) if state is not None else predictor.predict(inputs)
 
@@ -214,4 +231,5 @@ def load_model(model_dir, backend: str = "auto", precision: str = "fp16", comput
     return ANEModel(model_dir, backend=backend, precision=precision, compute_units=compute_units)
 
 
-__all__ = ["ANEModel", "load_model", "causal_mask", "ContextOverflowError", "ContractError", "NoLogitsError"]
+__all__ = ["ANEModel", "load_model", "resolve_model", "causal_mask", "ContextOverflowError", "ContractError",
+           "NoLogitsError"]

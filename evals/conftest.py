@@ -42,11 +42,11 @@ def _read_contract_view(s) -> tuple[dict, dict]:
     """Expected shapes from config.json and meta.yaml (contract.expected_geometry), declared ones from the parts:
     two independent sources, so a part that declares a wrong shape fails its test."""
     from ane_eval import contract
-    from ane_eval.backends import coreml_available
+    from ane_eval.backends import resolve
     from ane_eval.bundle import discover
-    from ane_eval.cli import resolve_model
+    from ane_eval.model import resolve_model
 
-    bundle = discover(resolve_model(s.model_arg), backend="coreml" if coreml_available()[0] else "mil")
+    bundle = discover(resolve_model(s.model_arg), backend=resolve(s.backend))
     geometry, s.contract_unknown = contract.expected_geometry(bundle)
     return (contract.expected_interface(geometry, len(bundle.chunks)),
             contract.declared_interface(contract.describe_parts(bundle)))
@@ -68,6 +68,11 @@ def model_dir(ane_model_dir):
 @pytest.fixture(scope="session")
 def model_info(ane_model_info):
     return ane_model_info
+
+
+@pytest.fixture(scope="session")
+def model_loader(ane_model_loader):
+    return ane_model_loader
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import ane_eval
-from ane_eval.backends import BackendError, coreml_available, select
+from ane_eval.backends import BackendError, auto_backend, coreml_available, select
 from ane_eval.bundle import BundleError, discover
 from ane_eval.contract import ContractError
 from ane_eval.mil import ModelFormatError
@@ -136,7 +136,7 @@ def test_contract_check_on_every_call(model, monkeypatch):
 
 def test_auto_backend_says_which(demo_dir):
     m = ane_eval.load_model(demo_dir, backend="auto")
-    assert m.backend == ("coreml" if coreml_available()[0] else "mil")
+    assert m.backend == auto_backend()[0]
     assert f"backend={m.backend}" in repr(m)
     with pytest.raises(BackendError, match="unknown backend 'tpu'"):
         select("tpu")
@@ -243,57 +243,6 @@ def test_renamed_package_is_not_a_compiled_model(broken):
     assert discover(broken, backend="mil").embeddings.name == "llama_embeddings.mlmodelc"
     with pytest.raises(ModelFormatError, match=r"llama_\w+.mlmodelc: not a compiled model \(no model.mil"):
         ane_eval.load_model(broken, backend="mil")
-
-
-# --- the CoreML path, with a fake predictor (real CoreML needs macOS 15) --------------------------------------------
-class FakeCoreMLModel:
-    """Stands in for coremltools.models.MLModel / CompiledMLModel: records how it was loaded and called."""
-    loaded: list = []
-    busy_failures = 0
-
-    def __init__(self, path, compute_units=None, function_name=None, **kwargs):
-        self.path, self.compute_units, self.function_name = path, compute_units, function_name
-        FakeCoreMLModel.loaded.append((path.rsplit("/", 1)[-1], function_name, compute_units.name))
-
-    def make_state(self):
-        return {"fake": True}
-
-    def predict(self, inputs, state=None):
-        if FakeCoreMLModel.busy_failures:
-            FakeCoreMLModel.busy_failures -= 1
-            raise RuntimeError("Error computing NN outputs: ANE resource busy")
-        return {"ok": np.zeros(1)}
-
-
-@pytest.mark.coreml_fake
-def test_coreml_backend_with_fake_predictor(monkeypatch):
-    """FAKE CoreML (macOS required for the real one): function selection, compute units, environment, busy retry."""
-    import os
-
-    import coremltools as ct
-
-    from ane_eval.backends import coreml
-
-    monkeypatch.setattr(ct.models, "MLModel", FakeCoreMLModel)
-    monkeypatch.setattr(ct.models, "CompiledMLModel", FakeCoreMLModel)
-    monkeypatch.delenv("COREML_PARTITION_LOADER_DISABLE_MULTI_ENGINE", raising=False)
-    sleeps = []
-    backend = coreml.CoreMLBackend(compute_units="CPU_AND_NE", sleep=sleeps.append)
-    assert os.environ["COREML_PARTITION_LOADER_DISABLE_MULTI_ENGINE"] == "1"
-    FakeCoreMLModel.loaded = []
-    p = backend.load("/m/llama_FFN_PF_chunk_01of01.mlmodelc", "prefill")
-    backend.load("/m/llama_lm_head.mlpackage")
-    assert FakeCoreMLModel.loaded == [("llama_FFN_PF_chunk_01of01.mlmodelc", "prefill", "CPU_AND_NE"),
-                                      ("llama_lm_head.mlpackage", None, "CPU_AND_NE")]
-    FakeCoreMLModel.busy_failures = 2
-    assert "ok" in p.predict({"x": 1}, p.make_state())
-    assert sleeps == [0.05, 0.1]
-    FakeCoreMLModel.busy_failures = 100
-    with pytest.raises(coreml.ANEBusyError, match="stayed busy after 6 retries.*evaluate one model at a time"):
-        p.predict({"x": 1}, p.make_state())
-    FakeCoreMLModel.busy_failures = 0
-    with pytest.raises(ValueError, match="compute units 'GPU_ONLY' unknown"):
-        coreml.CoreMLBackend(compute_units="GPU_ONLY")
 
 
 def test_causal_mask_rows():

@@ -147,9 +147,11 @@ def test_troubleshooting_messages_are_current(demo_dir, tmp_path, monkeypatch):
     # ANE busy
     monkeypatch.setattr(coreml, "RETRY_DELAYS", (0.0,) * 6)
 
+    from tests.coreml_emulator import BUSY_TEXT
+
     class Busy:
         def predict(self, inputs, state=None):
-            raise RuntimeError("ANE resource busy")
+            raise RuntimeError(BUSY_TEXT)
     _in_readme(_message(lambda: coreml._Predictor(Busy(), "llama_FFN_PF_chunk_01of02.mlmodelc:prefill",
                                                   sleep=lambda s: None).predict({})), repl)
     # CoreML unavailable (on a machine without it)

@@ -1,7 +1,7 @@
 """The portable runtime as a backend."""
 from __future__ import annotations
 
-from .. import mil
+from .. import contract, mil
 
 
 class MILBackend:
@@ -12,6 +12,7 @@ class MILBackend:
         if precision not in ("fp16", "fp32"):
             raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
         self.precision = precision
+        self.boundary = contract.NATIVE if precision == "fp16" else contract.WIDE
 
     def describe(self) -> str:
         return f"mil (portable runtime, {self.precision})"

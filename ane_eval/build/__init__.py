@@ -130,8 +130,10 @@ def _convert(program, bits: int | None, inputs=None, weight_ops=("conv", "linear
     import coremltools as ct
     import coremltools.optimize.coreml as cto
 
+    # only the saved file is needed: on a Mac a loaded model would be compiled and loaded here, and again by
+    # palettize_weights (which reloads with skip_model_load=mlmodel.__proxy__ is None)
     model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                       compute_precision=ct.precision.FLOAT16, inputs=inputs)
+                       compute_precision=ct.precision.FLOAT16, inputs=inputs, skip_model_load=True)
     if bits:
         cfg = cto.OpPalettizerConfig(nbits=bits, mode="kmeans", granularity="per_grouped_channel",
                                      group_size=LUT_GROUP)
