@@ -42,16 +42,21 @@ def verdict(now, base, metric, **kw):
 @pytest.mark.parametrize("metric, higher", [("acc,none", True), ("word_perplexity,none", False),
                                             ("bits_per_byte,none", False), ("exact_match,strict", True)])
 def test_allowed_fall_just_inside_and_outside(se_base, se_now, tol, z, metric, higher):
-    allowed = max(tol, z * math.sqrt((se_base or 0) ** 2 + (se_now or 0) ** 2))
+    # accuracies: max(tolerance, z * combined se); perplexity-type metrics (no stderr from lm-eval, no samples
+    # here): relative_tolerance x baseline (tests/test_gate_perplexity.py covers their paired per-document test)
+    if gate.is_perplexity(metric):
+        allowed, kw = tol, dict(relative_tolerance=tol / 2.0, z=z)
+    else:
+        allowed, kw = max(tol, z * math.sqrt((se_base or 0) ** 2 + (se_now or 0) ** 2)), dict(tolerance=tol, z=z)
     base = record({metric: (2.0, se_base)})
     worse = -1 if higher else 1
     for fall, fails in ((allowed - EPS, False), (allowed + EPS, True)):
-        row = verdict(record({metric: (2.0 + worse * fall, se_now)}), base, metric, tolerance=tol, z=z)
+        row = verdict(record({metric: (2.0 + worse * fall, se_now)}), base, metric, **kw)
         assert row.allowed == pytest.approx(allowed, abs=1e-12)
         assert row.failed is fails, (fall, row)
         assert row.verdict == ("FAIL regression" if fails else "pass")
     # a move of the same size the other way is an improvement, never a regression
-    assert not verdict(record({metric: (2.0 - worse * 10 * allowed, se_now)}), base, metric, tolerance=tol, z=z).failed
+    assert not verdict(record({metric: (2.0 - worse * 10 * allowed, se_now)}), base, metric, **kw).failed
 
 
 def test_row_statistics():
