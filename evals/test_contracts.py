@@ -116,7 +116,9 @@ def test_reset_clears_a_poisoned_state(model):
     if not hasattr(model.state, "write_state"):
         pytest.skip(f"the {model.backend} state object cannot be written from Python")
     shape = model.state.read_state(contract.STATE_NAME).shape
-    model.state.write_state(contract.STATE_NAME, np.full(shape, np.nan, dtype=np.float16))
+    # float32: what crosses coremltools' boundary (CoreML converts it into the Float16 state; an fp16 array is
+    # "value type not convertible" there); the portable runtime stores it as fp16 the same way
+    model.state.write_state(contract.STATE_NAME, np.full(shape, np.nan, dtype=np.float32))
     assert np.isnan(model.state.read_state(contract.STATE_NAME)).all()
     model.reset()
     after = model.state.read_state(contract.STATE_NAME)

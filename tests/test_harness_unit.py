@@ -87,10 +87,10 @@ def test_logits_rows_are_reused_only_for_the_same_prefix(model):
     model.reset()
     seq = model.tokenizer.encode("Question: What is 3 plus 4?\nAnswer: 7")
     cache.feed(seq, len(seq) - 1)
-    a = cache.logits(seq, len(seq) - 1)
-    assert cache.logits(seq, len(seq) - 1) is a  # same prefix: the row is reused, no infer
+    a = cache.row(seq, len(seq) - 1)
+    assert cache.row(seq, len(seq) - 1) is a  # same prefix: the row is reused, no infer
     other = seq[:-1] + [seq[-1] + 1]
-    b = cache.logits(other, len(other) - 1)
+    b = cache.row(other, len(other) - 1)
     assert b is not a and not np.array_equal(a, b)
     model.reset()
     model.prefill(other[:-1])
