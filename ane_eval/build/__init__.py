@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, read_arch, read_weights
 from .programs import STATE_NAME, embeddings_program, ffn_program, lm_head_program, lm_head_splits
+from . import gemma3
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
@@ -44,6 +45,14 @@ class BuildOptions:
     prefix: str | None = None  # default: the architecture family
     name: str | None = None
     extra_meta: dict = field(default_factory=dict)
+    # Gemma 3 (ANEMLL 0.3.5): one unified cache instead of local + global; rotate functions in separate `_rot`
+    # files; prefill writes through an update_mask input instead of a dynamic slice
+    single_cache: bool = False
+    split_rotate: bool = False
+    update_mask_prefill: bool = False
+    # test-only: upstream refuses contexts below 256 (the ANE's minimum state size); tiny test models may go lower,
+    # the programs' structure is the same
+    allow_small_context: bool = False
 
 
 def check_options(arch, opts: BuildOptions) -> None:
@@ -83,8 +92,37 @@ def check_options(arch, opts: BuildOptions) -> None:
         problems.append(f"embeddings of {V} rows cannot be palettized in groups of {LUT_GROUP}")
     if arch.num_heads % arch.num_kv_heads:
         problems.append(f"{arch.num_heads} attention heads are not a multiple of {arch.num_kv_heads} KV heads")
+    if arch.family == "gemma3":
+        problems += _gemma3_problems(arch, opts)
+    elif opts.single_cache or opts.split_rotate or opts.update_mask_prefill:
+        problems.append("single_cache, split_rotate and update_mask_prefill apply to Gemma 3 models only")
     if problems:
         raise BuildError("; ".join(problems))
+
+
+MIN_GEMMA3_CONTEXT = 256  # gemma3_converter.py MIN_ANE_STATE_SIZE
+
+
+def _gemma3_problems(arch, opts: BuildOptions) -> list[str]:
+    problems = []
+    C, B, sw = opts.context_length, opts.batch_size, arch.sliding_window
+    if C < MIN_GEMMA3_CONTEXT and not opts.allow_small_context:
+        problems.append(f"context length {C} is below {MIN_GEMMA3_CONTEXT}, the ANE's minimum state size "
+                        "(upstream refuses it too)")
+    if C < sw:
+        problems.append(f"context length {C} is shorter than the sliding window {sw}; convert with a context of at "
+                        f"least {sw}")
+    if C > sw and not opts.single_cache and (B > sw or sw % B):
+        problems.append(f"prefill batch {B} must divide the sliding window {sw}: prefill_rotate shifts the local "
+                        "cache by whole batches")
+    if opts.single_cache and opts.split_rotate:
+        problems.append("single_cache has no rotate functions, so it cannot be split_rotate")
+    if opts.split_rotate and C <= sw:
+        problems.append(f"split_rotate needs rotate functions, which exist only when the context exceeds the "
+                        f"sliding window {sw}")
+    if opts.state_length is not None and opts.state_length != C:
+        problems.append("Gemma 3 models are built with state_length = context_length")
+    return problems
 
 
 def _lut(bits: int | None) -> str:
@@ -151,7 +189,7 @@ def build(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, options: Bu
         setattr(opts, k, v)
     arch = read_arch(checkpoint)
     if opts.split_lm_head is None:
-        opts.split_lm_head = 16 if arch.family == "qwen" else 8
+        opts.split_lm_head = 16 if arch.family in ("qwen", "gemma3") else 8
     check_options(arch, opts)
     with _quiet():
         return _build(checkpoint, out_dir, opts, arch)
@@ -164,6 +202,8 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
     import numpy as np
 
     weights = read_weights(checkpoint)
+    if arch.family == "gemma3":
+        weights = gemma3.norm_weights(weights)
     prefix = opts.prefix or arch.family
     names = part_names(prefix, opts)
     C, B, N = opts.context_length, opts.batch_size, opts.num_chunks
@@ -177,7 +217,8 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
     try:
         emb_input = ct.TensorType(name="input_ids", dtype=np.int32,
                                   shape=ct.EnumeratedShapes(shapes=[[1, 1], [1, B]], default=[1, 1]))
-        model = _convert(embeddings_program(arch, weights), opts.lut_embeddings, inputs=[emb_input],
+        emb_program = (gemma3.gemma3_embeddings_program if arch.family == "gemma3" else embeddings_program)
+        model = _convert(emb_program(arch, weights), opts.lut_embeddings, inputs=[emb_input],
                          weight_ops=("gather",))
         _save_with_metadata(model, tmp / f"{names['embeddings']}.mlpackage",
                             {**common, "com.anemll.lut_bits": opts.lut_embeddings or "none"})
@@ -186,20 +227,27 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
             layers = range(c * per_chunk, (c + 1) * per_chunk)
             last = c == N - 1
             parts = {}
-            for fn, T in (("infer", 1), ("prefill", B)):
-                prog = ffn_program(arch, weights, layers, T, C, S, last, prefill=(fn == "prefill"))
+            for fn in _functions(arch, opts):
                 parts[fn] = tmp / f"{fn}.mlpackage"
-                _convert(prog, opts.lut_ffn).save(str(parts[fn]))
-            desc = ct.utils.MultiFunctionDescriptor()
-            for fn, path in parts.items():
-                desc.add_function(str(path), src_function_name="main", target_function_name=fn)
-            desc.default_function_name = "infer"
-            merged = tmp / "merged.mlpackage"
-            ct.utils.save_multifunction(desc, str(merged))
-            _save_with_metadata(merged, tmp / f"{names['chunks'][c]}.mlpackage",
-                                {**common, "com.anemll.batch_size": B, "com.anemll.chunk_no": c + 1,
-                                 "com.anemll.lut_bits": opts.lut_ffn or "none"})
-            for path in (*parts.values(), merged):
+                _convert(_ffn_function(arch, weights, layers, fn, opts, last), opts.lut_ffn).save(str(parts[fn]))
+            chunk_md = {**common, "com.anemll.batch_size": B, "com.anemll.chunk_no": c + 1,
+                        "com.anemll.lut_bits": opts.lut_ffn or "none"}
+            # combine_models.py: one file with every function (combine_chunks_gemma3), or with split_rotate two,
+            # `_chunk_NNofMM` (infer + prefill) and `_chunk_NNofMM_rot` (infer_rotate + prefill_rotate)
+            groups = {"": list(parts)}
+            if opts.split_rotate:
+                groups = {"": [f for f in parts if not f.endswith("_rotate")],
+                          "_rot": [f for f in parts if f.endswith("_rotate")]}
+            for suffix, fns in groups.items():
+                desc = ct.utils.MultiFunctionDescriptor()
+                for fn in fns:
+                    desc.add_function(str(parts[fn]), src_function_name="main", target_function_name=fn)
+                desc.default_function_name = fns[0]
+                merged = tmp / "merged.mlpackage"
+                ct.utils.save_multifunction(desc, str(merged))
+                _save_with_metadata(merged, tmp / f"{names['chunks'][c]}{suffix}.mlpackage", chunk_md)
+                shutil.rmtree(merged)
+            for path in parts.values():
                 shutil.rmtree(path)
 
         model = _convert(lm_head_program(arch, weights, opts.split_lm_head), opts.lut_lmhead)
@@ -218,6 +266,42 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _functions(arch, opts: BuildOptions) -> list[str]:
+    if arch.family != "gemma3":
+        return ["infer", "prefill"]
+    # rotate functions only when the context exceeds the window (convert_model.sh), never with a single cache
+    rotate = opts.context_length > arch.sliding_window and not opts.single_cache
+    return [f for f in gemma3.FUNCTIONS if rotate or not f.endswith("_rotate")]
+
+
+def _ffn_function(arch, weights, layers: range, fn: str, opts: BuildOptions, last: bool):
+    C, B = opts.context_length, opts.batch_size
+    S = max(opts.state_length or C, C)
+    if arch.family == "gemma3":
+        return gemma3.gemma3_ffn_program(arch, weights, layers, fn, B, C, S, last, opts.single_cache,
+                                         opts.update_mask_prefill)
+    T = B if fn == "prefill" else 1
+    return ffn_program(arch, weights, layers, T, C, S, last, prefill=(fn == "prefill"))
+
+
+def _gemma3_meta(opts: BuildOptions, arch, names: dict) -> dict:
+    """The keys generate_meta_yaml.py (0.3.5) writes for a chunked Gemma 3 conversion."""
+    chunk1 = names["chunks"][0]
+    meta = {"ffn": f"{chunk1}.mlmodelc",  # 0.3.5 keeps the chunk suffix on `ffn`
+            "vocab_size": arch.vocab_size,
+            "lm_head_chunk_sizes": lm_head_splits(arch.vocab_size, opts.split_lm_head)}
+    if opts.split_rotate:
+        meta.update({"split_rotate": True, "pf": f"{chunk1}_rot.mlmodelc"})
+    meta["sliding_window"] = arch.sliding_window
+    if opts.update_mask_prefill:
+        meta["update_mask_prefill"] = True
+    else:
+        meta["prefill_dynamic_slice"] = True
+    if opts.single_cache:
+        meta["single_cache"] = True
+    return meta
 
 
 def _write_meta(path: Path, opts: BuildOptions, arch, names: dict, checkpoint: Path) -> None:
@@ -242,16 +326,28 @@ def _write_meta(path: Path, opts: BuildOptions, arch, names: dict, checkpoint: P
             "lm_head": f"{names['lm_head']}.mlmodelc",
             "ffn": f"{names['ffn']}.mlmodelc",
             "split_lm_head": opts.split_lm_head,
+            **(_gemma3_meta(opts, arch, names) if arch.family == "gemma3" else {}),
             **opts.extra_meta,
         },
     }}
-    path.write_text(yaml.safe_dump(meta, sort_keys=False))
+    if arch.family == "gemma3":
+        meta["model_info"]["version"] = "0.3.5"
+        meta["model_info"]["architecture"] = "gemma3_text"
+    text = yaml.safe_dump(meta, sort_keys=False)
+    if arch.family == "gemma3":  # 0.3.5 appends the conversion parameters as comments (generate_conversion_comments)
+        text += ("\n# " + "=" * 77 + "\n# Conversion Parameters (for troubleshooting)\n# " + "=" * 77 + "\n"
+                 f"# context_length: {opts.context_length}\n# batch_size: {opts.batch_size}\n"
+                 f"# num_chunks: {opts.num_chunks}\n# converter: ane-eval\n")
+    path.write_text(text)
 
 
 def _write_stub_config(path: Path, arch) -> None:
     import json
 
-    path.write_text(json.dumps({"model_type": arch.model_type, "architectures": ["AnemllModel"],
+    # 0.3.5's Gemma 3 conversions write a stub saying "llama" (observed on a real run): keep that, drivers must
+    # trust meta.yaml and the programs
+    model_type = "llama" if arch.family == "gemma3" else arch.model_type
+    path.write_text(json.dumps({"model_type": model_type, "architectures": ["AnemllModel"],
                                 "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size}, indent=2) + "\n")
 
 
@@ -262,6 +358,8 @@ def main(argv=None) -> int:
     for f in ("context_length", "batch_size", "num_chunks", "split_lm_head", "lut_ffn", "lut_lmhead",
               "lut_embeddings", "state_length"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(BuildOptions, f))
+    for f in ("single_cache", "split_rotate", "update_mask_prefill"):
+        ap.add_argument("--" + f.replace("_", "-"), action="store_true", help="Gemma 3 only")
     ap.add_argument("--prefix")
     args = vars(ap.parse_args(argv))
     checkpoint, out = args.pop("checkpoint"), args.pop("out")
