@@ -28,6 +28,7 @@ class Bundle:
     meta: dict = field(default_factory=dict)  # meta.yaml's model_info.parameters ({} without meta.yaml)
     name: str = ""
     architecture: str = "llama"
+    rotate_chunks: list = field(default_factory=list)  # split-rotate companions `..._chunk_NNofMM_rot` (0.3.5)
 
     @property
     def split_lm_head(self) -> int | None:
@@ -121,6 +122,21 @@ def _find_chunks(root: Path, ffn: str | None, exts: tuple, problems: list) -> li
     return []
 
 
+def _find_rotate_chunks(chunks: list[Path], meta: dict, problems: list) -> list[Path]:
+    """With split_rotate (0.3.5 combine_chunks_split_rotate) each chunk `X_chunk_NNofMM` has a companion
+    `X_chunk_NNofMM_rot` holding infer_rotate / prefill_rotate; all or none must be present."""
+    companions = [p.with_name(f"{p.name[:-len(p.suffix)]}_rot{p.suffix}") for p in chunks]
+    present = [p for p in companions if p.exists()]
+    if not present and not meta.get("split_rotate"):
+        return []
+    missing = [p.name for p in companions if not p.exists()]
+    if missing:
+        problems.append(f"split-rotate chunk file(s) {', '.join(missing)} missing (meta.yaml split_rotate or other "
+                        "_rot files say each chunk has one)")
+        return []
+    return companions
+
+
 def discover(model_dir, backend: str = "mil") -> Bundle:
     """Find the parts of an ANEMLL model directory for `backend` ("mil" reads .mlpackage, "coreml" prefers
     .mlmodelc)."""
@@ -140,6 +156,7 @@ def discover(model_dir, backend: str = "mil") -> Bundle:
     embeddings = _find_part(root, meta.get("embeddings"), "*_embeddings*", exts, "embeddings", problems)
     lm_head = _find_part(root, meta.get("lm_head"), "*_lm_head*", exts, "lm_head", problems)
     chunks = _find_chunks(root, meta.get("ffn"), exts, problems)
+    rotate_chunks = _find_rotate_chunks(chunks, meta, problems)
     if meta.get("num_chunks") is not None and chunks and int(meta["num_chunks"]) != len(chunks):
         problems.append(f"meta.yaml num_chunks is {meta['num_chunks']} but the directory has {len(chunks)} chunks")
     tokenizer_dir = root
@@ -157,7 +174,7 @@ def discover(model_dir, backend: str = "mil") -> Bundle:
     if problems:
         raise BundleError(f"{root}: not a usable ANEMLL model directory: " + "; ".join(problems))
     return Bundle(root=root, embeddings=embeddings, chunks=chunks, lm_head=lm_head, tokenizer_dir=tokenizer_dir,
-                  meta=meta, name=str(info.get("name") or root.name),
+                  meta=meta, rotate_chunks=rotate_chunks, name=str(info.get("name") or root.name),
                   architecture=str(info.get("architecture") or meta.get("model_prefix") or "llama"))
 
 
@@ -180,7 +197,7 @@ def fingerprint(bundle: Bundle) -> str:
 
     h = hashlib.sha256()
     sample = 1 << 20
-    for part in [bundle.embeddings, *bundle.chunks, bundle.lm_head]:
+    for part in [bundle.embeddings, *bundle.chunks, *bundle.rotate_chunks, bundle.lm_head]:
         files = sorted(f for f in part.rglob("*") if f.is_file()) if part.is_dir() else [part]
         for f in files:
             size = f.stat().st_size

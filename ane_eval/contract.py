@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .mil import ir
+from .protocol import read_protocol
 
 STATE_NAME = "model_model_kv_cache_0"
 
@@ -50,6 +51,7 @@ def part_paths(bundle) -> dict:
     """role -> file of a bundle's parts, in pipeline order: embeddings, chunk01 .. chunkNN, lm_head."""
     paths = {"embeddings": bundle.embeddings}
     paths.update({f"chunk{i:02d}": p for i, p in enumerate(bundle.chunks, start=1)})
+    paths.update({f"chunk{i:02d}_rot": p for i, p in enumerate(getattr(bundle, "rotate_chunks", []), start=1)})
     paths["lm_head"] = bundle.lm_head
     return paths
 
@@ -60,7 +62,12 @@ def describe_parts(bundle) -> dict:
 
 
 def chunks_of(parts: dict) -> list:
-    return [p for role, p in parts.items() if role.startswith("chunk")]
+    return [p for role, p in parts.items() if role.startswith("chunk") and not role.endswith("_rot")]
+
+
+def rotate_chunks_of(parts: dict) -> list:
+    """The split-rotate companions, in chunk order ([] unless the model is split_rotate)."""
+    return [p for role, p in parts.items() if role.startswith("chunk") and role.endswith("_rot")]
 
 
 def check_inputs(where: str, signature: ir.Signature, inputs: dict, hints: dict | None = None,
@@ -99,6 +106,17 @@ class Geometry:
     hidden_size: int
     state_shape: tuple
     logits_widths: list
+    states: dict = None  # state name -> shape, as every chunk function declares them
+    mask_width: int = 0  # the causal mask's last dim: attention_size (0.3.5), the context before
+
+
+def expected_rotate_functions(meta: dict, context: int | None) -> tuple:
+    """0.3.5 chunks carry infer_rotate / prefill_rotate when the context exceeds meta.yaml's sliding_window and the
+    cache is split (gemma3_converter.py refuses rotate parts with single_cache)."""
+    proto = read_protocol(meta)
+    if proto.sliding_window and context and context > proto.sliding_window and not proto.single_cache:
+        return ("infer_rotate", "prefill_rotate")
+    return ()
 
 
 def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int | None = None) -> Geometry:
@@ -108,25 +126,30 @@ def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int 
     problems = []
     meta_c, meta_b = bundle.meta_int("context_length"), bundle.meta_int("batch_size")
     declared_c, declared_b, hidden, states = set(), set(), set(), {}
+    proto = read_protocol(bundle.meta)
+    rotate = rotate_chunks_of(parts)
     for i, part in enumerate(chunks, start=1):
         if part is None:
             continue
-        missing_fns = {"infer", "prefill"} - set(part.functions)
+        files = [part] + ([rotate[i - 1]] if len(rotate) == len(chunks) and rotate[i - 1] is not None else [])
+        located = {fn: f for f in reversed(files) for fn in f.functions}
+        required = {"infer", "prefill"} | set(expected_rotate_functions(bundle.meta, meta_c))
+        missing_fns = required - set(located)
         if missing_fns:
-            problems.append(f"{part.name} lacks function(s) {sorted(missing_fns)}; FFN chunks must declare infer "
-                            "and prefill")
+            problems.append(f"{part.name} lacks function(s) {sorted(missing_fns)}; FFN chunks must declare "
+                            f"{', '.join(sorted(required))}")
             continue
-        for fn in ("infer", "prefill"):
-            mask = part.feature(fn, "inputs", "causal_mask")
-            hs = part.feature(fn, "inputs", "hidden_states")
-            st = part.feature(fn, "states", STATE_NAME)
-            if mask is None or hs is None or st is None:
-                problems.append(f"{part.name} {fn} lacks causal_mask, hidden_states or the {STATE_NAME} state")
+        for fn, owner in sorted(located.items()):
+            sig = owner.signature(fn)
+            mask = owner.feature(fn, "inputs", "causal_mask")
+            hs = owner.feature(fn, "inputs", "hidden_states")
+            if mask is None or hs is None or not sig.states:
+                problems.append(f"{owner.name} {fn} lacks causal_mask, hidden_states or a KV-cache state")
                 continue
             declared_c.add(mask.shape[-1])
             hidden.add(hs.shape[-1])
-            states[f"{part.name}:{fn}"] = tuple(st.shape)
-            if fn == "prefill":
+            states[f"{owner.name}:{fn}"] = tuple((f.name, tuple(f.shape)) for f in sig.states)
+            if fn.startswith("prefill"):
                 declared_b.add(hs.shape[1])
         md = part.metadata
         for key, want in (("com.anemll.chunk_no", i), ("com.anemll.num_chunks", len(chunks))):
@@ -144,10 +167,12 @@ def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int 
     if len(set(states.values())) > 1:
         problems.append("chunks declare different KV-cache states: " +
                         ", ".join(f"{k} {v}" for k, v in states.items()))
-    C = next(iter(declared_c), meta_c)
+    A = next(iter(declared_c), proto.attention_size or meta_c)  # the mask width: attention_size (0.3.5)
     B = next(iter(declared_b), meta_b)
-    if meta_c is not None and C is not None and meta_c != C:
-        problems.append(f"meta.yaml context_length is {meta_c} but the model was compiled for {C} "
+    C = meta_c if proto.attention_size is not None and meta_c is not None else A
+    want_a, what = (proto.attention_size, "attention_size") if proto.attention_size else (meta_c, "context_length")
+    if want_a is not None and A is not None and want_a != A:
+        problems.append(f"meta.yaml {what} is {want_a} but the model was compiled for {A} "
                         f"(causal_mask last dim); fix meta.yaml or re-convert")
     if meta_b is not None and B is not None and meta_b != B:
         problems.append(f"meta.yaml batch_size is {meta_b} but the model was compiled with prefill batch {B}; "
@@ -187,16 +212,40 @@ def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int 
     if C is None or B is None:
         raise ContractError(f"{bundle.root}: cannot tell the context length and prefill batch (no meta.yaml values "
                             "and no readable declarations); add them to meta.yaml")
-    state = next(iter(states.values()), None)
-    return Geometry(context_length=C, batch_size=B, hidden_size=next(iter(hidden), 0), state_shape=state,
-                    logits_widths=widths)
+    declared_states = dict(next(iter(states.values()), ()))
+    return Geometry(context_length=C, batch_size=B, hidden_size=next(iter(hidden), 0),
+                    state_shape=next(iter(declared_states.values()), None), logits_widths=widths,
+                    states=declared_states, mask_width=A)
 
 
-def expected_interface(geometry: Geometry, num_chunks: int) -> dict:
-    """(part, function, kind, name) -> (shape, dtype) that the ANEMLL contract requires, from the geometry the
-    parts agree on. Shapes are tuples, or a tuple of alternatives for enumerated inputs; None = undeclared."""
-    C, B, H = geometry.context_length, geometry.batch_size, geometry.hidden_size
-    state = tuple(geometry.state_shape or ())
+def expected_states(geometry: Geometry, meta: dict) -> dict:
+    """State name -> shape. 0.3.5 Gemma 3 (meta.yaml sliding_window): `model_model_kv_cache_local` with the
+    window's slots and `model_model_kv_cache_global` with the context's, or the unified `model_model_kv_cache_0`
+    with single_cache; the layer counts, KV heads and head dim (not in meta.yaml) as declared."""
+    proto = read_protocol(meta or {})
+    declared = geometry.states or {}
+    if not proto.sliding_window or proto.single_cache:
+        shape = declared.get(STATE_NAME, geometry.state_shape)
+        return {STATE_NAME: tuple(shape or ())}
+    out = {}
+    for name, slots in (("model_model_kv_cache_local", proto.sliding_window),
+                        ("model_model_kv_cache_global", geometry.context_length)):
+        have = declared.get(name)
+        out[name] = (have[0], have[1], slots, have[3]) if have and len(have) == 4 else None
+    return out
+
+
+def expected_interface(geometry: Geometry, num_chunks: int, meta: dict | None = None) -> dict:
+    """(part, function, kind, name) -> (shape, dtype) that the ANEMLL contract requires, from meta.yaml and the
+    geometry the parts agree on. Shapes are tuples, or a tuple of alternatives for enumerated inputs; None =
+    undeclared. Split-rotate companions count as part of their chunk (declared_interface merges them)."""
+    meta = meta or {}
+    proto = read_protocol(meta)
+    B, H = geometry.batch_size, geometry.hidden_size
+    C = proto.attention_size or geometry.context_length  # the causal mask is attention_size wide (0.3.5)
+    states = expected_states(geometry, meta)
+    functions = [("infer", 1), ("prefill", B)] + [(fn, 1 if fn.startswith("infer") else B)
+                                                  for fn in expected_rotate_functions(meta, geometry.context_length)]
     exp = {("embeddings", "main", "inputs", "input_ids"): (((1, 1), (1, B)), "int32"),
            ("embeddings", "main", "outputs", "hidden_states"): (None, "fp16"),
            ("lm_head", "main", "inputs", "hidden_states"): ((1, 1, H), "fp16")}
@@ -204,14 +253,17 @@ def expected_interface(geometry: Geometry, num_chunks: int) -> dict:
         exp[("lm_head", "main", "outputs", f"logits{k}")] = ((1, 1, width), "fp16")
     for i in range(1, num_chunks + 1):
         part = f"chunk{i:02d}"
-        for fn, T in (("infer", 1), ("prefill", B)):
+        for fn, T in functions:
             exp[(part, fn, "inputs", "hidden_states")] = ((1, T, H), "fp16")
             exp[(part, fn, "inputs", "position_ids")] = ((T,), "int32")
             exp[(part, fn, "inputs", "causal_mask")] = ((1, 1, T, C), "fp16")
             exp[(part, fn, "inputs", "current_pos")] = ((1,), "int32")
-            rows = 1 if (fn == "infer" or i == num_chunks) else B  # the last chunk's prefill returns row 0 only
+            rows = 1 if (T == 1 or i == num_chunks) else B  # the last chunk's prefill returns row 0 only
             exp[(part, fn, "outputs", "output_hidden_states")] = ((1, rows, H), "fp16")
-            exp[(part, fn, "states", STATE_NAME)] = (state, "fp16")
+            for name, shape in states.items():
+                exp[(part, fn, "states", name)] = (shape, "fp16")
+            if fn == "prefill" and proto.update_mask_prefill:  # gemma3_converter.py: not on prefill_rotate
+                exp[(part, fn, "inputs", "update_mask")] = ((1, 1, C, B), "fp16")
     return exp
 
 
@@ -223,8 +275,9 @@ def declared_interface(parts: dict) -> dict:
             continue
         for fn, sig in part.functions.items():
             fn_key = "main" if role in ("embeddings", "lm_head") else fn
+            chunk_role = role.removesuffix("_rot")  # a split-rotate file's functions belong to its chunk
             for kind in ("inputs", "outputs", "states"):
                 for f in getattr(sig, kind):
                     shape = f.shapes if f.shapes else (tuple(f.shape) if f.shape else None)
-                    out[(role, fn_key, kind, f.name)] = (shape, f.dtype)
+                    out[(chunk_role, fn_key, kind, f.name)] = (shape, f.dtype)
     return out

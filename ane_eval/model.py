@@ -14,10 +14,21 @@ from . import contract
 from .backends import select
 from .bundle import discover, load_tokenizer
 from .contract import ContractError
+from .protocol import read_protocol
 
 
 class ContextOverflowError(ValueError):
     pass
+
+
+def update_mask(width: int, batch_pos: int, batch: int) -> np.ndarray:
+    """fp16 (1, 1, width, B): 1 at [batch_pos + i, i], where row i of a prefill batch is written (chat.py
+    make_update_mask)."""
+    mask = np.zeros((1, 1, width, batch), dtype=np.float16)
+    rows = np.arange(batch)
+    keep = batch_pos + rows < width
+    mask[0, 0, (batch_pos + rows)[keep], rows[keep]] = 1
+    return mask
 
 
 def causal_mask(context: int, first: int = 0, rows: int | None = None) -> np.ndarray:
@@ -37,18 +48,21 @@ class ANEModel:
         b = self.bundle
         self.parts = contract.describe_parts(b)
         self.chunk_parts = contract.chunks_of(self.parts)
+        self.protocol = read_protocol(b.meta)
         load = self.backend_impl.load
         self._embeddings = load(b.embeddings)
-        self._chunks = [(load(p, "infer"), load(p, "prefill")) for p in b.chunks]
+        self._chunks = [self._load_functions(i) for i in range(len(b.chunks))]
         self._lm_head = load(b.lm_head)
         width = self._embedding_width()
         self.geometry = contract.cross_check(b, self.parts, len(self.tokenizer), embeddings_width=width)
         self.context_length = self.geometry.context_length
         self.batch_size = self.geometry.batch_size
+        self.mask_width = self.geometry.mask_width or self.context_length  # attention_size (0.3.5)
+        self.rotates = "infer_rotate" in self._chunks[0]  # positions >= sliding_window use the rotate functions
         self.num_chunks = len(b.chunks)
         self._hints = {"hidden_states": f"pad to the compiled batch {self.batch_size}",
                        "input_ids": f"input_ids are int32 of shape (1, 1) or (1, {self.batch_size})",
-                       "causal_mask": f"the mask is fp16 (1, 1, rows, {self.context_length})",
+                       "causal_mask": f"the mask is fp16 (1, 1, rows, {self.mask_width})",
                        "position_ids": "position_ids are int32", "current_pos": "current_pos is int32 (1,)"}
         self._widen_fp16 = self.backend == "mil" and precision == "fp32"
         self.token_evaluations = 0  # embedding rows pushed through the chunks (prefill rows + infer tokens)
@@ -74,9 +88,11 @@ class ANEModel:
 
     # --- protocol --------------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """A fresh zeroed state: nothing from an earlier prompt can leak into the next."""
-        self._state = self._chunks[0][1].make_state()
+        """A fresh zeroed state: nothing from an earlier prompt can leak into the next. Every state the chunks
+        declare (local and global caches for Gemma 3) is made at once and passed to every call."""
+        self._state = self._chunks[0]["prefill"][0].make_state()
         self._history: list[int] = []
+        self._next = 0  # the position after the last one written since the reset
 
     def prefill(self, token_ids, start: int = 0) -> None:
         """Put `token_ids` at positions start.. in the cache, in batches of the compiled size (right-padded).
@@ -89,14 +105,18 @@ class ANEModel:
             raise ContextOverflowError(f"prefill of {len(ids)} tokens from position {start} ends at {end}, past the "
                                        f"context length {self.context_length}; truncate the input")
         seq = self._history[:start] + ids
+        self._prepare_write(start)
         self._history = seq
+        if self.protocol.is_035:
+            self._feed_035(start, end)
+            return
         B, C = self.batch_size, self.context_length
         pos = start
         while pos < end:
             # a batch never runs past the context end: start it earlier and re-feed tokens already in the cache
             batch_pos = min(pos, C - B)
             rows = seq[batch_pos:batch_pos + B]
-            self._run_prefill(batch_pos, rows + [0] * (B - len(rows)))
+            self._run_prefill("prefill", batch_pos, rows + [0] * (B - len(rows)))
             pos = batch_pos + B
 
     def infer(self, token_id: int, pos: int) -> np.ndarray:
@@ -108,28 +128,101 @@ class ANEModel:
         if pos >= self.context_length:
             raise ContextOverflowError(f"position {pos} is past the context length {self.context_length}; "
                                        "truncate the input")
+        self._prepare_write(pos)
         self._history = self._history[:pos] + [int(token_id)]
-        hidden = self._embed(np.array([[token_id]], dtype=np.int32))
-        position = np.array([pos], dtype=np.int32)
-        mask = causal_mask(self.context_length, pos, 1)
-        for i, (infer, _) in enumerate(self._chunks):
-            inputs = {"hidden_states": hidden, "position_ids": position, "causal_mask": mask, "current_pos": position}
-            hidden = self._call(infer, self.chunk_parts[i], "infer", inputs)["output_hidden_states"]
-        self.token_evaluations += 1
+        hidden = self._run_infer(pos, token_id)
         out = self._call(self._lm_head, self.parts["lm_head"], None, {"hidden_states": hidden})
         return np.concatenate([out[f"logits{k}"].reshape(-1) for k in range(1, len(out) + 1)]).astype(np.float32)
 
     # --- internals -------------------------------------------------------------------------------------------
-    def _run_prefill(self, batch_pos: int, rows: list[int]) -> None:
+    def _load_functions(self, i: int) -> dict:
+        """Chunk i's functions: name -> (predictor, Part). infer/prefill from the chunk file; with a context past
+        meta.yaml's sliding_window, infer_rotate/prefill_rotate too, from the split-rotate `_rot` file when there
+        is one (combine_models.py combine_chunks_split_rotate), else from the chunk file (chat.py load_models)."""
+        b, load = self.bundle, self.backend_impl.load
+        main, rot = self.chunk_parts[i], self.parts.get(f"chunk{i + 1:02d}_rot")
+        found = {fn: (load(b.chunks[i], fn), main) for fn in ("infer", "prefill")}
+        for fn in contract.expected_rotate_functions(b.meta, b.meta_int("context_length")):
+            path, part = (b.rotate_chunks[i], rot) if b.rotate_chunks else (b.chunks[i], main)
+            try:
+                found[fn] = (load(path, fn), part)
+            except (ValueError, RuntimeError, KeyError) as e:
+                raise ContractError(f"{path.name}: meta.yaml sliding_window {self.protocol.sliding_window} is shorter "
+                                    f"than the context, but the {fn} function cannot be loaded ({e}); re-convert "
+                                    "with rotate functions") from None
+        return found
+
+    def _infer_function(self, pos: int) -> str:
+        """Functions chosen by position (chat.py): past the sliding window the local cache rotates."""
+        return "infer_rotate" if self.rotates and pos >= self.protocol.sliding_window else "infer"
+
+    def _prefill_function(self, batch_pos: int) -> str | None:
+        """The prefill function for a full batch at batch_pos, or None when it must go token by token: a filling
+        batch must end inside the window, a rotating one start past it (chat.py
+        run_monolithic_prefill_with_rotation)."""
+        if not self.rotates:
+            return "prefill"
+        sw = self.protocol.sliding_window
+        if batch_pos + self.batch_size <= sw:
+            return "prefill"
+        return "prefill_rotate" if batch_pos >= sw else None
+
+    def _prepare_write(self, pos: int) -> None:
+        """Once the local cache has rotated it holds only the last window before `_next`: writing anywhere else
+        (a rewind to a shared prefix) cannot reuse it, so the prefix is replayed from a fresh state. Without
+        rotation a rewind just overwrites (the mask hides stale slots)."""
+        if self.rotates and self._next > self.protocol.sliding_window and pos != self._next:
+            prefix = self._history[:pos]
+            self._state = self._chunks[0]["prefill"][0].make_state()
+            self._next = 0
+            self._feed_035(0, len(prefix), prefix)
+        self._next = pos
+
+    def _feed_035(self, start: int, end: int, seq: list[int] | None = None) -> None:
+        """0.3.5's prefill rule (chat.py run_prefill): full batches through a prefill function, the rest token by
+        token through infer / infer_rotate; no padded batch. Models without update_mask_prefill or
+        prefill_dynamic_slice go token by token throughout (chat.py chat_loop)."""
+        seq = self._history if seq is None else seq
+        B, pos = self.batch_size, start
+        while pos < end:
+            fn = self._prefill_function(pos) if self.protocol.batch_prefill and pos + B <= end else None
+            if fn is None:
+                self._run_infer(pos, seq[pos])
+                pos += 1
+            else:
+                self._run_prefill(fn, pos, seq[pos:pos + B])
+                pos += B
+
+    def _run_infer(self, pos: int, token_id: int) -> np.ndarray:
+        fn = self._infer_function(pos)
+        hidden = self._embed(np.array([[token_id]], dtype=np.int32))
+        position = np.array([pos], dtype=np.int32)
+        mask = causal_mask(self.mask_width, pos, 1)
+        for chunk in self._chunks:
+            predictor, part = chunk[fn]
+            inputs = {"hidden_states": hidden, "position_ids": position, "causal_mask": mask, "current_pos": position}
+            hidden = self._call(predictor, part, fn, inputs)["output_hidden_states"]
+        self.token_evaluations += 1
+        self._next = pos + 1
+        return hidden
+
+    def _run_prefill(self, fn: str, batch_pos: int, rows: list[int]) -> None:
         B = self.batch_size
         hidden = self._embed(np.array([rows], dtype=np.int32))
         inputs = {"position_ids": np.arange(batch_pos, batch_pos + B, dtype=np.int32),
-                  "causal_mask": causal_mask(self.context_length, batch_pos, B),
+                  "causal_mask": causal_mask(self.mask_width, batch_pos, B),
                   "current_pos": np.array([batch_pos], dtype=np.int32)}
-        for i, (_, prefill) in enumerate(self._chunks):
-            out = self._call(prefill, self.chunk_parts[i], "prefill", {"hidden_states": hidden, **inputs})
+        for chunk in self._chunks:
+            predictor, part = chunk[fn]
+            extra = {}
+            declared = (part.feature(fn, "inputs", "update_mask") is not None if part is not None
+                        else self.protocol.update_mask_prefill and fn == "prefill")  # compiled: trust meta.yaml
+            if declared:
+                extra["update_mask"] = update_mask(self.mask_width, batch_pos, B)  # declared: static KV writes
+            out = self._call(predictor, part, fn, {"hidden_states": hidden, **inputs, **extra})
             hidden = out["output_hidden_states"]  # the last chunk's prefill output is row 0 only: discarded
         self.token_evaluations += B
+        self._next = batch_pos + B
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self._call(self._embeddings, self.parts["embeddings"], None, {"input_ids": ids})["hidden_states"]
@@ -151,4 +244,4 @@ def load_model(model_dir, backend: str = "auto", precision: str = "fp16", comput
     return ANEModel(model_dir, backend=backend, precision=precision, compute_units=compute_units)
 
 
-__all__ = ["ANEModel", "load_model", "causal_mask", "ContextOverflowError", "ContractError"]
+__all__ = ["ANEModel", "load_model", "causal_mask", "update_mask", "ContextOverflowError", "ContractError"]

@@ -111,18 +111,22 @@ class GemmaGraph(Graph):
         cache = mb.slice_update(x=cache, update=new, begin=_i32(index, 0, 0, 0),
                                 end=_i32(index + 1, a.num_kv_heads, length, a.head_dim))
         mb.coreml_update_state(state=state, value=cache)
+        return new  # attend to this, not to a re-read (see write_shifted)
 
     def write_shifted(self, state, index: int, value):
         """Local rotation: drop the oldest T slots, append `value` (_update_kv_local / _update_kv_local_prefill);
-        returns the cache rows before the shift."""
+        returns (the rows before the shift, the rows after). Callers attend to these values, never to a second read
+        of the state: coremltools' common-subexpression pass merges every read_state of a state into one, so a
+        slice "after the write" would become the slice before it."""
         mb, a, sw = self.mb, self.a, self.a.sliding_window
         cache = mb.read_state(input=state)
         before = self.slice_rows(cache, index, 0, sw)
         kept = self.slice_rows(cache, index, self.T, sw)
-        cache = mb.slice_update(x=cache, update=mb.concat(values=[kept, value], axis=2), begin=_i32(index, 0, 0, 0),
+        after = mb.concat(values=[kept, value], axis=2)
+        cache = mb.slice_update(x=cache, update=after, begin=_i32(index, 0, 0, 0),
                                 end=_i32(index + 1, a.num_kv_heads, sw, a.head_dim))
         mb.coreml_update_state(state=state, value=cache)
-        return before
+        return before, after
 
     def repeat(self, kv, length: int):
         a, mb = self.a, self.mb
@@ -148,19 +152,22 @@ class GemmaGraph(Graph):
         local = a.layer_types[i] == "sliding_attention"
         sw = a.sliding_window
         if local and not self.single and self.rotate:
-            old_k, old_v = self.write_shifted(state, ki, k), self.write_shifted(state, vi, v)
+            (old_k, new_k), (old_v, new_v) = self.write_shifted(state, ki, k), self.write_shifted(state, vi, v)
             if T == 1:  # infer_rotate: the shifted cache holds the window; every slot is visible
-                cache = mb.read_state(input=state)
                 local_mask = mb.slice_by_index(x=mask, begin=_i32(0, 0, 0, 0), end=_i32(1, 1, 1, sw))
-                return self.slice_rows(cache, ki, 0, sw), self.slice_rows(cache, vi, 0, sw), local_mask, sw
+                return new_k, new_v, local_mask, sw
             rows, cols = np.arange(T)[:, None], np.arange(sw + T)[None, :]
             visible = np.where(cols < sw, cols > rows, cols - sw <= rows)
             const_mask = np.where(visible, F16(0), NEG_INF).astype(F16)[None, None]
             return (mb.concat(values=[old_k, k], axis=2), mb.concat(values=[old_v, v], axis=2), const_mask, sw + T)
         length = sw if (local and not self.single) else self.C
         if self.update_mask is not None:
-            self.write_masked(state, ki, k, length)
-            self.write_masked(state, vi, v, length)
+            new_k, new_v = self.write_masked(state, ki, k, length), self.write_masked(state, vi, v, length)
+            if length < self.C:
+                mask = mb.slice_by_index(x=mask, begin=_i32(0, 0, 0, 0), end=_i32(1, 1, T, length))
+            elif local:
+                mask = self.window_mask(positions, mask)
+            return new_k, new_v, mask, length
         else:
             self.write_kv(state, ki, k, current_pos, T)
             self.write_kv(state, vi, v, current_pos, T)
