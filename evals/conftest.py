@@ -89,7 +89,8 @@ def _read_contract_view(s) -> tuple[dict, dict]:
     bundle = discover(resolve_model(s.model_arg), backend="coreml" if coreml_available()[0] else "mil")
     parts = contract.describe_parts(bundle)
     geometry = contract.cross_check(bundle, parts, len(load_tokenizer(bundle)))
-    return contract.expected_interface(geometry, len(bundle.chunks)), contract.declared_interface(parts)
+    return (contract.expected_interface(geometry, len(bundle.chunks), bundle.meta),
+            contract.declared_interface(parts))
 
 
 @pytest.fixture(scope="session")

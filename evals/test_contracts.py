@@ -32,6 +32,10 @@ def test_metadata_consistency(model):
     assert (g.context_length, g.batch_size) == (model.context_length, model.batch_size)
 
 
+def _prompt_ids(model, text=PROMPT):
+    return model.tokenizer.encode(text)[: model.context_length]  # small-context models take a prefix
+
+
 def _last_logits_prefill(model, ids):
     model.reset()
     model.prefill(ids[:-1])
@@ -39,7 +43,7 @@ def _last_logits_prefill(model, ids):
 
 
 def test_prefill_then_infer_equals_token_by_token(model):
-    ids = model.tokenizer.encode(PROMPT)[: model.context_length]
+    ids = _prompt_ids(model)
     a = _last_logits_prefill(model, ids)
     model.reset()
     for p, t in enumerate(ids):
@@ -50,8 +54,8 @@ def test_prefill_then_infer_equals_token_by_token(model):
 
 
 def test_state_isolation_after_reset(model):
-    ids = model.tokenizer.encode(PROMPT)
-    other = model.tokenizer.encode("A different, longer prompt fills the cache first. " * 4)[: model.context_length]
+    ids = _prompt_ids(model)
+    other = _prompt_ids(model, "A different, longer prompt fills the cache first. " * 4)
     clean = _last_logits_prefill(model, ids)
     _last_logits_prefill(model, other)
     after = _last_logits_prefill(model, ids)
@@ -59,12 +63,12 @@ def test_state_isolation_after_reset(model):
 
 
 def test_determinism(model):
-    ids = model.tokenizer.encode(PROMPT)
+    ids = _prompt_ids(model)
     np.testing.assert_array_equal(_last_logits_prefill(model, ids), _last_logits_prefill(model, ids))
 
 
 def test_logits_finite(model):
-    logits = _last_logits_prefill(model, model.tokenizer.encode(PROMPT))
+    logits = _last_logits_prefill(model, _prompt_ids(model))
     assert np.isfinite(logits).all(), f"{int((~np.isfinite(logits)).sum())} non-finite logits"
 
 

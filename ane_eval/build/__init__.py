@@ -25,6 +25,7 @@ from . import gemma3
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 ANEMLL_VERSION = "0.3.4"
+GEMMA3_ANEMLL_VERSION = "0.3.5"  # Gemma 3 exists only in 0.3.5's layout
 LUT_GROUP = 8  # output channels sharing one LUT (ANEMLL's per-grouped-channel palettization)
 
 
@@ -209,8 +210,9 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
     C, B, N = opts.context_length, opts.batch_size, opts.num_chunks
     S = max(opts.state_length or C, C)
     per_chunk = arch.num_layers // N
+    version = GEMMA3_ANEMLL_VERSION if arch.family == "gemma3" else ANEMLL_VERSION
     common = {"com.anemll.context_length": C, "com.anemll.num_chunks": N, "com.anemll.info": f"ane-eval builder, "
-              f"ANEMLL {ANEMLL_VERSION} layout, {arch.model_type}"}
+              f"ANEMLL {version} layout, {arch.model_type}"}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir.parent))
@@ -331,7 +333,7 @@ def _write_meta(path: Path, opts: BuildOptions, arch, names: dict, checkpoint: P
         },
     }}
     if arch.family == "gemma3":
-        meta["model_info"]["version"] = "0.3.5"
+        meta["model_info"]["version"] = GEMMA3_ANEMLL_VERSION
         meta["model_info"]["architecture"] = "gemma3_text"
     text = yaml.safe_dump(meta, sort_keys=False)
     if arch.family == "gemma3":  # 0.3.5 appends the conversion parameters as comments (generate_conversion_comments)
