@@ -60,7 +60,10 @@ def model_card(model_dir) -> dict:
             "meta": bundle.meta, "parts": [], "backends": _backends()}
     described = contract.describe_parts(bundle)
     for role, path in contract.part_paths(bundle).items():
-        label = f"chunk {int(role[5:])}" if role.startswith("chunk") else role
+        label = role
+        if role.startswith("chunk"):  # chunkNN, or chunkNN_rot for a split-rotate companion
+            number, _, rot = role[5:].partition("_")
+            label = f"chunk {int(number)}" + (" (rotate functions)" if rot else "")
         entry = {"role": label, "file": path.name, "size_bytes": _size(path)}
         part = described[role]
         if part is not None:

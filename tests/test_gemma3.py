@@ -89,6 +89,10 @@ def test_layout_follows_0_3_5(gemma_builds):
     default, fns = spec_functions(sr / "gemma3_FFN_PF_chunk_01of01_rot.mlpackage")
     assert (default, set(fns)) == ("infer_rotate", {"infer_rotate", "prefill_rotate"})
     assert "update_mask" not in fns["prefill_rotate"]  # gemma3_converter.py: not on the rotate prefill
+    from ane_eval.card import model_card
+
+    roles = [p["role"] for p in model_card(sr)["parts"]]
+    assert roles == ["embeddings", "chunk 1", "chunk 1 (rotate functions)", "lm_head"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

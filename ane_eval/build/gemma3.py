@@ -82,7 +82,7 @@ class GemmaGraph(Graph):
         super().__init__(arch, weights, attention, state_len)
         self.kind, self.T, self.single, self.states, self.update_mask = kind, T, single_cache, states, update_mask
         self.slots = cache_slots(arch, single_cache)
-        self.rotate = kind.endswith("_rotate")
+        self.rotating = kind.endswith("_rotate")
 
     def rope_for(self, positions, theta: float):
         mb, T, d = self.mb, self.T, self.a.head_dim
@@ -151,7 +151,7 @@ class GemmaGraph(Graph):
         state = self.states[state_name]
         local = a.layer_types[i] == "sliding_attention"
         sw = a.sliding_window
-        if local and not self.single and self.rotate:
+        if local and not self.single and self.rotating:
             (old_k, new_k), (old_v, new_v) = self.write_shifted(state, ki, k), self.write_shifted(state, vi, v)
             if T == 1:  # infer_rotate: the shifted cache holds the window; every slot is visible
                 local_mask = mb.slice_by_index(x=mask, begin=_i32(0, 0, 0, 0), end=_i32(1, 1, 1, sw))
@@ -161,21 +161,15 @@ class GemmaGraph(Graph):
             const_mask = np.where(visible, F16(0), NEG_INF).astype(F16)[None, None]
             return (mb.concat(values=[old_k, k], axis=2), mb.concat(values=[old_v, v], axis=2), const_mask, sw + T)
         length = sw if (local and not self.single) else self.C
-        if self.update_mask is not None:
-            new_k, new_v = self.write_masked(state, ki, k, length), self.write_masked(state, vi, v, length)
-            if length < self.C:
-                mask = mb.slice_by_index(x=mask, begin=_i32(0, 0, 0, 0), end=_i32(1, 1, T, length))
-            elif local:
-                mask = self.window_mask(positions, mask)
-            return new_k, new_v, mask, length
-        else:
-            self.write_kv(state, ki, k, current_pos, T)
-            self.write_kv(state, vi, v, current_pos, T)
-        cache = mb.read_state(input=state)
         if length < self.C:
             mask = mb.slice_by_index(x=mask, begin=_i32(0, 0, 0, 0), end=_i32(1, 1, T, length))
         elif local:
             mask = self.window_mask(positions, mask)
+        if self.update_mask is not None:
+            return self.write_masked(state, ki, k, length), self.write_masked(state, vi, v, length), mask, length
+        self.write_kv(state, ki, k, current_pos, T)
+        self.write_kv(state, vi, v, current_pos, T)
+        cache = mb.read_state(input=state)
         return self.slice_rows(cache, ki, 0, length), self.slice_rows(cache, vi, 0, length), mask, length
 
     def gemma_layer(self, i: int, x, positions, mask, current_pos):
