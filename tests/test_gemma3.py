@@ -158,10 +158,11 @@ def suite(*args):
 
 
 def test_evals_contract_passes(gemma_builds):
-    proc = suite("--model-dir", gemma_builds["split_rotate"], "-k", "contract")
+    proc = suite("--model-dir", gemma_builds["split_rotate"], "-k", "contract", "-vv")  # -q -vv: one line per test
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "infer_rotate-states-model_model_kv_cache_local" in suite(
-        "--model-dir", gemma_builds["split_rotate"], "-k", "contract", "--collect-only").stdout
+    # the rotate functions (from the _rot file) and the update_mask input are part of the expected contract
+    assert "chunk01-infer_rotate-states-model_model_kv_cache_local] PASSED" in proc.stdout
+    assert "chunk01-prefill-inputs-update_mask] PASSED" in proc.stdout
 
 
 def test_evals_demo_tasks_run(gemma_builds, tmp_path):
