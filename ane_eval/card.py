@@ -84,6 +84,7 @@ def model_card(model_dir) -> dict:
         card["consistency"] = {"ok": True, "context_length": geometry.context_length,
                                "batch_size": geometry.batch_size, "hidden_size": geometry.hidden_size,
                                "state_shape": list(geometry.state_shape or ()),
+                               "states": {k: list(v) for k, v in (geometry.states or {}).items()},
                                "vocab_size": sum(geometry.logits_widths)}
     except ValueError as e:
         card["consistency"] = {"ok": False, "problems": str(e)}
@@ -101,7 +102,7 @@ def format_card(card: dict) -> str:
     if c["ok"]:
         lines.append(f"consistency: OK  context {c['context_length']}, prefill batch {c['batch_size']}, hidden "
                      f"{c['hidden_size']}, vocab {c['vocab_size']} (tokenizer {card.get('tokenizer_size')}), "
-                     f"state {tuple(c['state_shape'])}")
+                     + ", ".join(f"state {name} {tuple(shape)}" for name, shape in c["states"].items()))
     else:
         lines.append(f"consistency: FAILED  {c['problems']}")
     lines.append(f"parameters: {card['parameters']:,}   size on disk: {card['size_bytes'] / 2**20:.1f} MiB")
