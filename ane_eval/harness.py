@@ -10,6 +10,10 @@ context tokens are prefilled, and logits already computed for a shared position 
 multiple-choice question cost one context prefill and one `infer` per distinct continuation token.
 `prefix_reuse=False` is the naive algorithm (a fresh prefill for every request), kept for parity tests and
 benchmarks.
+
+Data parallel: launched by torchrun (or accelerate launch), ANELM joins the process group and exposes lm-eval's
+hooks (rank, world_size, all_gather, gather_object, barrier; see distributed.py), so lm-eval's evaluate() splits
+every task's documents over the processes and gathers the results on rank 0.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import logging
 
 import numpy as np
 from tqdm import tqdm
+
+from .distributed import Group
 
 import lm_eval.models  # noqa: F401  (registers the built-in models first: registering before it hides them)
 from lm_eval.api.model import TemplateLM
@@ -85,13 +91,15 @@ def log_softmax_at(row: np.ndarray, target: int) -> float:
 @register_model("ane")
 class ANELM(TemplateLM):
     """lm_eval model "ane": model_args model_dir, backend, precision, compute_units, max_length, prefix_reuse,
-    max_gen_toks, seed, add_bos_token."""
+    max_gen_toks, seed, add_bos_token, dist_timeout (seconds per collective when data parallel)."""
 
     def __init__(self, model_dir: str = "demo", backend: str = "auto", precision: str = "fp16",
                  compute_units: str = "CPU_AND_NE", max_length: int | None = None, prefix_reuse: bool = True,
                  max_gen_toks: int = 256, seed: int = 1234, add_bos_token: bool | None = None, model=None,
-                 batch_size=1, **ignored):
+                 batch_size=1, dist_timeout: float | None = None, group: Group | None = None, **ignored):
         super().__init__()
+        self.group = group or Group(timeout=dist_timeout)  # before the model loads: a bad launch fails fast
+        self._rank, self._world_size = self.group.rank, self.group.world_size
         if model is None:
             from .cli import resolve_model
             from .model import load_model
@@ -114,6 +122,16 @@ class ANELM(TemplateLM):
         ignored.pop("max_batch_size", None)
         if ignored:
             raise ValueError(f"ane: unknown model_args {sorted(ignored)}; see ane_eval.harness.ANELM")
+
+    # --- lm-eval's data-parallel hooks (evaluate() calls them when world_size > 1) -------------------------------
+    def all_gather(self, tensor):
+        return self.group.all_gather(tensor)
+
+    def gather_object(self, obj, dst=0):
+        return self.group.gather_object(obj, dst=dst)
+
+    def barrier(self) -> None:
+        self.group.barrier()
 
     # --- tokenization (as HFLM) ------------------------------------------------------------------------------
     @property
@@ -178,7 +196,7 @@ class ANELM(TemplateLM):
         order = sorted(range(len(requests)), key=lambda i: (requests[i][1] + requests[i][2])[-(self.max_length + 1):])
         results: list = [None] * len(requests)
         before = self.truncated
-        for i in tqdm(order, disable=disable_tqdm, desc="ane loglikelihood"):
+        for i in tqdm(order, disable=disable_tqdm or self.rank != 0, desc="ane loglikelihood"):
             key, context, continuation = requests[i]
             results[i] = self._score(list(context), list(continuation))
             if key is not None:
@@ -190,7 +208,8 @@ class ANELM(TemplateLM):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
-        for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="ane rolling loglikelihood"):
+        quiet = disable_tqdm or self.rank != 0
+        for (string,) in tqdm([r.args for r in requests], disable=quiet, desc="ane rolling loglikelihood"):
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
                 token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length, context_len=1)]
@@ -204,7 +223,8 @@ class ANELM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         out = []
-        for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm, desc="ane generate"):
+        quiet = disable_tqdm or self.rank != 0
+        for context, gen_kwargs in tqdm([r.args for r in requests], disable=quiet, desc="ane generate"):
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             unsupported = sorted(set(kwargs) - SAMPLING_KWARGS)
