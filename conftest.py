@@ -28,5 +28,7 @@ def pytest_addoption(parser):
     g.addoption("--baseline", default=None, help="baseline JSON to gate regressions against")
     g.addoption("--update-baseline", action="store_true",
                 help="write the baseline (to --baseline, else OUTPUT_DIR/baseline.json) if the run passed")
+    g.addoption("--dist-timeout", type=float, default=None,
+                help="under torchrun: seconds every collective may wait (default 3600 or $ANE_EVAL_DIST_TIMEOUT)")
     g.addoption("--allow-missing-data", action="store_true",
                 help="skip (instead of fail) tasks whose dataset cannot be reached")

@@ -1,7 +1,13 @@
 """Fixtures of the evals suite: the model loaded once per session, state reset for every test, the suite's tasks
-as parametrized cases, and the session's report (markdown summary, baseline) written at the end."""
+as parametrized cases, and the session's report (markdown summary, baseline) written at the end.
+
+Scaling out: under torchrun every process runs every test and lm-eval splits each task's documents over them
+(ANELM's data-parallel hooks); rank 0 gates and reports. Under pytest-xdist (`-n N`) the task cases are spread over
+workers; each worker hands its rows and records to the controller (xdist's workeroutput), which writes the one
+summary, baseline and table."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -38,6 +44,7 @@ class Session:
         self.records: dict = {}
         self.failed = False
         self._baseline = None
+        self.dist_timeout = opt("dist_timeout")
 
     def baseline(self):
         """The baseline to gate against; None when there is none yet and this run is to create it."""
@@ -49,6 +56,31 @@ class Session:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "ane_task(name): an lm-eval task case of the evals suite")
+    _warn_shared_engine(config)
+
+
+def _warn_shared_engine(config) -> None:
+    """Parallel processes on CoreML share the Mac's one Neural Engine: they queue for it (or fail busy)."""
+    workers = config.getoption("numprocesses", None) or 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if (workers or local > 1) and not _is_worker(config) and _uses_coreml(config):
+        count = f"-n {workers}" if workers else f"{local} torchrun processes"
+        config.issue_config_time_warning(pytest.PytestConfigWarning(
+            f"ane-eval: {count} on CoreML: the processes share this Mac's one Neural Engine, so they wait for "
+            "each other (or fail with 'resource busy'); expect little speed-up"), stacklevel=2)
+
+
+def _uses_coreml(config) -> bool:
+    backend = config.getoption("backend")
+    if backend != "auto":
+        return backend == "coreml"
+    from ane_eval.backends import coreml_available
+
+    return bool(coreml_available()[0])
+
+
+def _is_worker(config) -> bool:
+    return hasattr(config, "workerinput")  # set by xdist on its workers
 
 
 def _session(config) -> Session:
@@ -140,7 +172,7 @@ def model_info(ane_model):
 def ane_lm(ane_model, ane_session):
     from ane_eval.harness import ANELM
 
-    return ANELM(model=ane_model, seed=ane_session.seed)
+    return ANELM(model=ane_model, seed=ane_session.seed, dist_timeout=ane_session.dist_timeout)
 
 
 @pytest.fixture(scope="session")
@@ -173,10 +205,31 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["chip"] = chip_name()
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """On the xdist controller: take a worker's rows and records (what its task tests produced)."""
+    out = getattr(node, "workeroutput", {}).get("ane_eval")
+    if not out:
+        return
+    s = _session(node.config)
+    s.rows.extend(gate.Row(**row) for row in out["rows"])
+    s.records.update(out["records"])
+    s.failed = s.failed or out["failed"]
+
+
 def pytest_sessionfinish(session, exitstatus):
-    s = getattr(session.config, "_ane_session", None)
+    config = session.config
+    s = getattr(config, "_ane_session", None)
+    if _is_worker(config):  # the controller writes the report, once, for every worker's tasks
+        if s is not None and s.rows:
+            config.workeroutput["ane_eval"] = {"rows": [dict(r.__dict__) for r in s.rows], "records": s.records,
+                                               "failed": s.failed}
+        return
     if s is None or not s.rows:
         return
+    order = {t.name: i for i, t in enumerate(s.tasks)}  # the suite's order, however workers finished
+    s.rows.sort(key=lambda r: order.get(r.task, len(order)))
+    s.records = dict(sorted(s.records.items(), key=lambda kv: order.get(kv[0], len(order))))
     model = s.records and next(iter(s.records.values())).get("model", {}) or {}
     summary = gate.write_summary(s.output_dir / "summary.md", s.rows, model, s.backend)
     lines = [f"ane-eval: summary written to {summary}"]
