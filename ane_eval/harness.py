@@ -191,6 +191,10 @@ class ANELM(TemplateLM):
             greedy = greedy and int(row.argmax()) == target
         return total, greedy
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        # TemplateLM tokenizes under a progress bar of its own: ranks > 0 show none (as HFLM's bars)
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.rank != 0)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         # shared prefixes adjacent: lexicographic order of the (truncated) input tokens
         order = sorted(range(len(requests)), key=lambda i: (requests[i][1] + requests[i][2])[-(self.max_length + 1):])

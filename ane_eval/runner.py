@@ -73,6 +73,11 @@ def evaluate(lm, tasks: list[str], tm, *, num_fewshot=None, limit=None, apply_ch
         raise
     if results is not None and getattr(lm, "world_size", 1) > 1:
         restore_document_order(results, tm, bootstrap_iters)
+        shots = sorted(t for t, n in (results.get("n-shot") or {}).items() if n)
+        if shots:  # lm-eval draws few-shot examples from one seeded stream per rank (lm_eval/api/task.py TODO)
+            log.warning("ane: %s: few-shot examples under %d processes differ from a single-process run's "
+                        "(lm-eval samples them per rank); metrics agree statistically, not exactly",
+                        ", ".join(shots), lm.world_size)
     if tracker is not None and results is not None:  # None: a rank > 0 of a data-parallel run
         _save(results, tracker, write_samples)
     return results

@@ -18,7 +18,7 @@ from ane_eval.distributed import DistributedError, Group
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TASKS = "demo_arc_easy,demo_wikitext,demo_qa"  # multiple choice, rolling loglikelihood, generation
-LIMIT = "5"  # odd: rank 0 gets 3 documents, rank 1 gets 2 and is padded by lm-eval
+LIMIT = "3"  # odd: rank 0 gets 2 documents, rank 1 gets 1 and is padded by lm-eval
 VOLATILE = {"date", "total_evaluation_time_seconds"}  # differ between any two runs
 
 
@@ -148,3 +148,23 @@ def test_torchrun_gives_the_single_process_files(demo_dir, tmp_path):
 def _noise_free(text: str) -> str:
     # coremltools prints this on import on Linux (NOTES.md: harmless), before any ane-eval code runs
     return "\n".join(ln for ln in text.splitlines() if "_MLModelProxy" not in ln and "_MLCPU" not in ln).strip()
+
+
+def _suite(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "evals", "-q", "-p", "no:cacheprovider", "-k", "test_task",
+                           "--tasks", "demo_boolq,demo_wikitext,demo_qa", "--limit", "2", "--output-dir", str(out),
+                           "--update-baseline", *extra], capture_output=True, text=True, env=loopback_env(),
+                          timeout=600, cwd=Path(__file__).parents[1])
+
+
+def test_xdist_workers_report_every_task_once(demo_dir, tmp_path):
+    """`pytest evals -n 2`: the controller's summary, baseline and table are the single-process ones."""
+    one, two = _suite(tmp_path / "one"), _suite(tmp_path / "two", "-n", "2")
+    assert one.returncode == 0 and two.returncode == 0, (one.stdout[-1500:], two.stdout[-1500:])
+    for name in ("summary.md", "baseline.json"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
+
+    def table(out: str) -> list[str]:
+        return [ln for ln in out.splitlines() if ln.startswith("demo_")]
+
+    assert table(two.stdout) == table(one.stdout) and len({ln.split()[0] for ln in table(two.stdout)}) == 3
