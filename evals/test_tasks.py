@@ -21,6 +21,11 @@ def test_task(task_case, ane_session, ane_lm, model, model_info, task_manager):
         if ane_session.allow_missing:
             pytest.skip(str(e))
         pytest.fail(str(e), pytrace=False)
+    except Exception as e:
+        if ane_lm.world_size > 1:  # the other ranks wait in this task's collectives: stop, so theirs fail at once
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            pytest.exit(f"ane-eval: rank {ane_lm.rank}: {name}: {first}", returncode=2)
+        raise
     if results is None:  # a rank > 0 under torchrun: its share went to rank 0, which gates and reports
         return
     record = gate.task_record(results, name, limit=task_case.limit, model=model_info,

@@ -150,9 +150,9 @@ def _noise_free(text: str) -> str:
     return "\n".join(ln for ln in text.splitlines() if "_MLModelProxy" not in ln and "_MLCPU" not in ln).strip()
 
 
-def _suite(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pytest", "evals", "-q", "-p", "no:cacheprovider", "-k", "test_task",
-                           "--tasks", "demo_boolq,demo_wikitext,demo_qa", "--limit", "2", "--output-dir", str(out),
+def _suite(out: Path, *extra: str, launcher=(sys.executable,)) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, "-m", "pytest", "evals", "-q", "-p", "no:cacheprovider", "-k", "test_task",
+                           "--tasks", "demo_boolq,demo_wikitext", "--limit", "2", "--output-dir", str(out),
                            "--update-baseline", *extra], capture_output=True, text=True, env=loopback_env(),
                           timeout=600, cwd=Path(__file__).parents[1])
 
@@ -167,4 +167,15 @@ def test_xdist_workers_report_every_task_once(demo_dir, tmp_path):
     def table(out: str) -> list[str]:
         return [ln for ln in out.splitlines() if ln.startswith("demo_")]
 
-    assert table(two.stdout) == table(one.stdout) and len({ln.split()[0] for ln in table(two.stdout)}) == 3
+    assert table(two.stdout) == table(one.stdout) and len({ln.split()[0] for ln in table(two.stdout)}) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_suite_gates_on_rank_0(demo_dir, tmp_path):
+    """`torchrun -m pytest evals`: documents split, rank 0's summary and baseline are the single-process ones."""
+    two = [*TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    one, split = _suite(tmp_path / "one"), _suite(tmp_path / "two", launcher=two)
+    assert one.returncode == 0 and split.returncode == 0, (one.stdout[-1500:], split.stdout[-1500:])
+    for name in ("summary.md", "baseline.json"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
+    assert split.stdout.count("ane-eval: summary written") == 1  # rank 1 neither gates nor reports

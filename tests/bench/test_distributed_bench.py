@@ -14,7 +14,7 @@ import pytest
 from tests.test_distributed import TORCHRUN, free_port, loopback_env
 
 TASKS = "demo_boolq,demo_arc_easy,demo_wikitext,demo_qa"
-LIMIT = "40"
+LIMIT = "20"
 
 
 def _run(tmp_path, name: str, launcher: list[str]) -> float:
