@@ -52,7 +52,7 @@ def quiet_other_ranks(rank: int) -> None:
     ane_eval/__init__.py)."""
     if rank == 0:
         return
-    for name in ("lm-eval", "lm_eval", "ane_eval", "datasets", "transformers", "coremltools"):
+    for name in ("lm_eval", "ane_eval", "datasets", "transformers", "coremltools"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -113,13 +113,3 @@ class Group:
             import torch.distributed as dist
 
             self._call("barrier", dist.barrier)
-
-    def broadcast_object(self, obj, src: int = 0):
-        """obj of rank src on every rank (for a verdict decided on rank 0)."""
-        if self.world_size <= 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj if self.rank == src else None]
-        self._call("broadcast_object_list", dist.broadcast_object_list, box, src=src)
-        return box[0]

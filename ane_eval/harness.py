@@ -22,14 +22,14 @@ import logging
 import numpy as np
 from tqdm import tqdm
 
-from .distributed import Group
-
 import lm_eval.models  # noqa: F401  (registers the built-in models first: registering before it hides them)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (_add_special_kwargs, handle_stop_sequences, has_bos_prefix,
                                   normalize_gen_kwargs, postprocess_generated_text)
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from .distributed import Group
 
 log = logging.getLogger("ane_eval")
 

@@ -89,9 +89,9 @@ def restore_document_order(results: dict, tm, bootstrap_iters: int) -> None:
     samples' task hashes with them) and sums over documents (perplexities) differ in the last bits; and a rank with
     fewer documents is padded with copies of its last request, whose responses land on that same request (so its
     sample lists them twice). Samples are put back in document order (within each filter, filters in their order)
-    with `repeats` responses per request, and each task's metrics are aggregated
-    again from those per-document values with lm-eval's own aggregation (the function evaluate() uses; lm-eval
-    is pinned). Group aggregates are lm-eval's, computed from the rank-ordered lists."""
+    with `repeats` responses per request, and each task's metrics are aggregated again from those per-document
+    values with lm-eval's own aggregation (the function evaluate() uses; lm-eval is pinned). Group aggregates stay
+    lm-eval's, computed from the rank-ordered lists."""
     from collections import defaultdict
 
     from lm_eval.evaluator_utils import _compute_task_aggregations
