@@ -49,7 +49,7 @@ def test_metadata_consistency(model, contract_view):
     masks = [(f"{role}/{fn} causal_mask", shape[-1]) for (role, fn, kind, name), (shape, _) in declared.items()
              if name == "causal_mask" and shape]
     batches = [(f"{role}/prefill hidden_states", shape[1]) for (role, fn, kind, name), (shape, _) in declared.items()
-               if fn == "prefill" and kind == "inputs" and name == "hidden_states" and shape]
+               if fn == "prefill" and kind == "inputs" and name in ("hidden_states", "input_ids") and shape]
     assert masks and batches, "no FFN chunk declares causal_mask / prefill hidden_states"
     for key, declared_values in (("context_length", masks), ("batch_size", batches)):
         meta = b.meta_int(key)
@@ -64,8 +64,13 @@ def test_metadata_consistency(model, contract_view):
                 if int(part.metadata[f"com.anemll.{key}"]) != want:
                     problems.append(f"{part.name} com.anemll.{key}={part.metadata[f'com.anemll.{key}']}, "
                                     f"file {i} of {len(chunks)}")
-    heads = [k for k in declared if k[0] == "lm_head" and k[2] == "outputs" and k[3].startswith("logits")]
-    agree("split_lm_head", b.meta_int("split_lm_head"), [("lm_head logits outputs", len(heads))])
+    # the head's vocabulary chunks: logits1..K outputs, or an argmax head's [K] pair (the LM head part, or a
+    # monolithic model's infer)
+    head_role = "lm_head" if "lm_head" in {k[0] for k in declared} else contract.MONOLITHIC
+    outs = {k[3]: shape for k, (shape, _) in declared.items()
+            if k[0] == head_role and k[1] in ("main", "infer") and k[2] == "outputs"}
+    split = outs["argmax_idx"][0] if "argmax_idx" in outs else len([n for n in outs if n.startswith("logits")])
+    agree("split_lm_head", b.meta_int("split_lm_head"), [(f"{head_role} vocabulary chunks", split)])
     agree("runtime context_length", b.meta_int("context_length"), [("ANEModel", model.context_length)])
     agree("runtime batch_size", b.meta_int("batch_size"), [("ANEModel", model.batch_size)])
     assert not problems, "; ".join(problems)
@@ -149,6 +154,8 @@ def test_logits_finite(model):
 def test_logits_width_covers_tokenizer(model):
     """The logits an infer returns (not a declared or fallback size) score every token id the tokenizer can
     produce, and as many as config.json's vocabulary."""
+    if model.head != "logits":
+        pytest.skip("an argmax LM head returns no logits")
     width = _last_logits_prefill(model, _prompt_ids(model)).shape[-1]
     assert width >= len(model.tokenizer), f"the LM head scores {width} ids, the tokenizer has {len(model.tokenizer)}"
     vocab = contract.model_config(model.bundle).get("vocab_size")
