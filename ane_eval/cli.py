@@ -80,7 +80,7 @@ def cmd_compare(args) -> int:
 
 def cmd_fidelity(args) -> int:
     from . import fidelity
-    from .model import load_model
+    from .model import load_model, resolve_model
 
     reference = fidelity.load_reference(args.reference, device=args.device)
     if args.save_reference and reference.stored:
