@@ -212,8 +212,9 @@ def test_evals_suite_on_an_emulated_mac(tmp_path):
     """`pytest evals` on the demo: every test passes, with backend=coreml; the benchmark records the compute units
     and the macOS version."""
     bench = tmp_path / "bench.json"
+    # test_fidelity needs --reference (the source checkpoint; tests/test_fidelity.py runs it): deselected here
     proc = _run(["pytest", "-p", "tests.coreml_emulator", "evals", "-q", "-p", "no:cacheprovider", "--output-dir",
-                 tmp_path, "--benchmark-enable", "--benchmark-json", bench])
+                 tmp_path, "--benchmark-enable", "--benchmark-json", bench, "-k", "not test_fidelity"])
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout and "skipped" not in proc.stdout
     assert "backend: coreml (CPU_AND_NE)" in (tmp_path / "summary.md").read_text()
