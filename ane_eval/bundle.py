@@ -102,7 +102,7 @@ def _find_part(root: Path, declared: str | None, pattern: str, exts: tuple, what
     file pattern; the first extension in `exts` wins."""
     candidates = []
     if declared:
-        stem = re.sub(r"\.(mlmodelc|mlpackage)$", "", Path(declared).name)
+        stem = _stem(declared)
         candidates = [root / f"{stem}.{ext}" for ext in exts if (root / f"{stem}.{ext}").exists()]
     if not candidates:
         for ext in exts:
