@@ -4,7 +4,14 @@
     m = ane_eval.load_model(model_dir, backend="auto", precision="fp16")
     m.reset(); m.prefill(token_ids); logits = m.infer(token_ids[-1], len(token_ids) - 1)
 """
+import os
+
 __version__ = "0.1.0"
+
+# Ranks other than 0 of a torchrun launch show no progress bars: tqdm reads TQDM_* when it is imported, which
+# lm-eval does on import, so this cannot wait for the process group (ane_eval.distributed quiets the logs).
+if os.environ.get("RANK", "0") != "0":
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def load_model(model_dir, backend: str = "auto", precision: str = "fp16", compute_units: str = "CPU_AND_NE"):

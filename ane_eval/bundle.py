@@ -40,13 +40,15 @@ class Bundle:
     architecture: str = "llama"
     layout: Layout = field(default_factory=Layout)  # the parsed 0.3.4/0.3.5 keys (meta.py)
     monolithic: Path | None = None  # the one file of a monolithic model (embeddings + layers + LM head)
+    rotate_chunks: list = field(default_factory=list)  # split-rotate companions `..._chunk_NNofMM_rot` (0.3.5)
 
     @property
     def files(self) -> list[Path]:
-        """The model's program files in pipeline order."""
+        """The model's program files in pipeline order (a chunk's split-rotate companion right after it)."""
         if self.monolithic is not None:
             return [self.monolithic]
-        return [self.embeddings, *self.chunks, self.lm_head]
+        rot = self.rotate_chunks or [None] * len(self.chunks)
+        return [self.embeddings, *(p for pair in zip(self.chunks, rot) for p in pair if p is not None), self.lm_head]
 
     @property
     def split_lm_head(self) -> int | None:
@@ -157,6 +159,21 @@ def _find_chunks(root: Path, ffn: str | None, exts: tuple, problems: list) -> li
     return [by_index[i][0] for i in range(1, n + 1)]
 
 
+def _find_rotate_chunks(chunks: list[Path], split_rotate: bool, problems: list) -> list[Path]:
+    """With split_rotate (0.3.5 combine_chunks_split_rotate) each chunk `X_chunk_NNofMM` has a companion
+    `X_chunk_NNofMM_rot` holding infer_rotate / prefill_rotate; all or none must be present."""
+    companions = [p.with_name(f"{p.name[:-len(p.suffix)]}_rot{p.suffix}") for p in chunks]
+    present = [p for p in companions if p.exists()]
+    if not present and not split_rotate:
+        return []
+    missing = [p.name for p in companions if not p.exists()]
+    if missing:
+        problems.append(f"split-rotate chunk file(s) {', '.join(missing)} missing (meta.yaml split_rotate or other "
+                        "_rot files say each chunk has one)")
+        return []
+    return companions
+
+
 def discover(model_dir, backend: str = "mil") -> Bundle:
     """Find the parts of an ANEMLL model directory for `backend` (both read .mlpackage and .mlmodelc parts, in a
     mixed directory too; "mil" prefers .mlpackage, "coreml" .mlmodelc)."""
@@ -179,6 +196,7 @@ def discover(model_dir, backend: str = "mil") -> Bundle:
     problems: list[str] = []
     embeddings = lm_head = monolithic = None
     chunks: list[Path] = []
+    rotate_chunks: list[Path] = []
     # without meta.yaml, a lone `*_monolithic_full*` file is a monolithic model (combine_models.combine_monolithic)
     guessed = not meta and any(root.glob("*_monolithic_full*")) and not any(root.glob("*_FFN_PF*"))
     if layout.monolithic or guessed:
@@ -187,6 +205,7 @@ def discover(model_dir, backend: str = "mil") -> Bundle:
         embeddings = _find_part(root, meta.get("embeddings"), "*_embeddings*", exts, "embeddings", problems)
         lm_head = _find_part(root, meta.get("lm_head"), "*_lm_head*", exts, "lm_head", problems)
         chunks = _find_chunks(root, meta.get("ffn"), exts, problems)
+        rotate_chunks = _find_rotate_chunks(chunks, layout.split_rotate, problems)
     if meta.get("num_chunks") is not None and chunks and int(meta["num_chunks"]) != len(chunks):
         problems.append(f"meta.yaml num_chunks is {meta['num_chunks']} but the directory has {len(chunks)} chunks")
     tokenizer_dir = root
@@ -206,7 +225,7 @@ def discover(model_dir, backend: str = "mil") -> Bundle:
     return Bundle(root=root, embeddings=embeddings, chunks=chunks, lm_head=lm_head, tokenizer_dir=tokenizer_dir,
                   meta=meta, name=str(info.get("name") or root.name),
                   architecture=str(info.get("architecture") or meta.get("model_prefix") or "llama"),
-                  layout=layout, monolithic=monolithic)
+                  layout=layout, monolithic=monolithic, rotate_chunks=rotate_chunks)
 
 
 def load_tokenizer(bundle: Bundle):
@@ -237,9 +256,10 @@ def fingerprint(bundle: Bundle) -> str:
 
     h = hashlib.sha256()
     sample = 1 << 20
+    rot = [(f"chunk{i:02d}_rot", p) for i, p in enumerate(bundle.rotate_chunks, 1)]
     roles = [("monolithic", bundle.monolithic)] if bundle.monolithic is not None else [
         ("embeddings", bundle.embeddings), *((f"chunk{i:02d}", p) for i, p in enumerate(bundle.chunks, 1)),
-        ("lm_head", bundle.lm_head)]
+        *rot, ("lm_head", bundle.lm_head)]
     for role, part in roles:
         files = _weight_files(part) if part.is_dir() else []
         if not files:

@@ -64,7 +64,10 @@ def model_card(model_dir) -> dict:
                                             "prefill": layout.prefill_rule, "head": _head(bundle, described)},
             "parts": [], "backends": _backends()}
     for role, path in contract.part_paths(bundle).items():
-        label = f"chunk {int(role[5:])}" if role.startswith("chunk") else role
+        label = role
+        if role.startswith("chunk"):  # chunkNN, or chunkNN_rot for a split-rotate companion
+            number, _, rot = role[5:].partition("_")
+            label = f"chunk {int(number)}" + (" (rotate functions)" if rot else "")
         entry = {"role": label, "file": path.name, "size_bytes": _size(path)}
         part = described[role]
         entry["metadata"] = {k: v for k, v in part.metadata.items() if k.startswith("com.anemll")}
@@ -84,6 +87,7 @@ def model_card(model_dir) -> dict:
         card["consistency"] = {"ok": True, "context_length": geometry.context_length,
                                "batch_size": geometry.batch_size, "hidden_size": geometry.hidden_size,
                                "state_shape": list(geometry.state_shape or ()),
+                               "states": {k: list(v) for k, v in (geometry.states or {}).items()},
                                "vocab_size": sum(geometry.logits_widths)}
     except ValueError as e:
         card["consistency"] = {"ok": False, "problems": str(e)}
@@ -115,7 +119,7 @@ def format_card(card: dict) -> str:
     if c["ok"]:
         lines.append(f"consistency: OK  context {c['context_length']}, prefill batch {c['batch_size']}, hidden "
                      f"{c['hidden_size'] or '-'}, vocab {c['vocab_size']} (tokenizer {card.get('tokenizer_size')}), "
-                     f"state {tuple(c['state_shape'])}")
+                     + ", ".join(f"state {name} {tuple(shape)}" for name, shape in c["states"].items()))
     else:
         lines.append(f"consistency: FAILED  {c['problems']}")
     lay = card["layout"]

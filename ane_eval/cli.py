@@ -30,17 +30,21 @@ def cmd_inspect(args) -> int:
 def cmd_run(args) -> int:
     from . import gate, runner
     from .bundle import model_info
+    from .distributed import Group
     from .harness import ANELM
     from .model import load_model, resolve_model
     from .report import ReportData, write_report
 
+    group = Group(timeout=args.dist_timeout)  # under torchrun: join the run's process group (quiets ranks > 0)
     tm = runner.task_manager(args.include_path)
     tasks = runner.resolve_tasks(tm, args.tasks)
     model = load_model(resolve_model(args.model), backend=args.backend, precision=args.precision,
                        compute_units=args.compute_units)
-    print(f"ane-eval: {model!r}", file=sys.stderr)
+    if group.rank == 0:
+        print(f"ane-eval: {model!r}" + (f" ({group.world_size} processes)" if group.world_size > 1 else ""),
+              file=sys.stderr)
     info = model_info(model.bundle)
-    lm = ANELM(model=model, seed=args.seed, batch_size=args.batch_size)
+    lm = ANELM(model=model, seed=args.seed, batch_size=args.batch_size, group=group)
     out = Path(args.output_dir)
     if args.use_cache:
         Path(args.use_cache).parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +53,8 @@ def cmd_run(args) -> int:
                               apply_chat_template=args.apply_chat_template, max_gen_toks=args.max_tokens,
                               seed=args.seed, use_cache=args.use_cache, output_dir=out,
                               write_samples=args.log_samples, model_name=info["name"])
+    if results is None:  # a rank other than 0: lm-eval gathered its share on rank 0, which writes everything
+        return 0
     samples = results.get("samples") or {}
     records = {t: gate.task_record(results, t, limit=limit, model=info, samples=samples.get(t))
                for t in results.get("configs", {})}
@@ -145,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sqlite cache of finished requests: a killed run started again resumes")
     p.add_argument("--log-samples", action="store_true", help="write per-document samples JSONL")
     p.add_argument("--include-path", action="append", default=[], help="directory of task YAMLs (repeatable)")
+    p.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="under torchrun: timeout of every collective (default 3600 or $ANE_EVAL_DIST_TIMEOUT)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="compare two results (files or output directories); exit 1 on regression")

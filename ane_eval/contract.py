@@ -55,6 +55,7 @@ def part_paths(bundle) -> dict:
         return {MONOLITHIC: bundle.monolithic}
     paths = {"embeddings": bundle.embeddings}
     paths.update({f"chunk{i:02d}": p for i, p in enumerate(bundle.chunks, start=1)})
+    paths.update({f"chunk{i:02d}_rot": p for i, p in enumerate(getattr(bundle, "rotate_chunks", []), start=1)})
     paths["lm_head"] = bundle.lm_head
     return paths
 
@@ -65,7 +66,12 @@ def describe_parts(bundle) -> dict:
 
 
 def chunks_of(parts: dict) -> list:
-    return [p for role, p in parts.items() if role.startswith("chunk")]
+    return [p for role, p in parts.items() if role.startswith("chunk") and not role.endswith("_rot")]
+
+
+def rotate_chunks_of(parts: dict) -> list:
+    """The split-rotate companions, in chunk order ([] unless the model is split_rotate)."""
+    return [p for role, p in parts.items() if role.startswith("chunk") and role.endswith("_rot")]
 
 
 @dataclass(frozen=True)
@@ -127,15 +133,29 @@ class Geometry:
     context_length: int | None
     batch_size: int | None
     hidden_size: int | None
-    state_shape: tuple | None
+    state_shape: tuple | None  # the unified cache `model_model_kv_cache_0` (or the first declared state)
     logits_widths: list | None  # vocabulary chunk widths, in order (an argmax head's chunks too)
     head: str = "logits"  # "logits": logits1..K; "argmax": argmax_idx/argmax_val per vocabulary chunk (0.3.5)
     monolithic: bool = False
+    # state name -> shape (None: not known); Gemma 3's split cache has a local and a global state
+    states: dict | None = None
+    mask_width: int | None = None  # the causal mask's last dim: attention_size (0.3.5), the context before
+    functions: tuple = ("infer", "prefill")  # a chunk's functions (Gemma 3 adds infer_rotate / prefill_rotate)
+    update_mask: bool = False  # prefill takes an update_mask input (0.3.5 update_mask_prefill)
 
     @property
     def chunk_offsets(self) -> list[int]:
         """First token id of each vocabulary chunk (cumulative widths)."""
         return [sum(self.logits_widths[:k]) for k in range(len(self.logits_widths))]
+
+
+def expected_rotate_functions(layout, context: int | None) -> tuple:
+    """0.3.5 chunks carry infer_rotate / prefill_rotate when the context exceeds meta.yaml's sliding_window and the
+    cache is split (gemma3_converter.py refuses rotate parts with single_cache)."""
+    sw = layout.sliding_window
+    if sw and context and context > sw and not layout.single_cache:
+        return ("infer_rotate", "prefill_rotate")
+    return ()
 
 
 def even_split(vocab: int, parts: int) -> list[int]:
@@ -229,26 +249,35 @@ def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int 
     problems = []
     meta_c, meta_b = bundle.meta_int("context_length"), bundle.meta_int("batch_size")
     declared_c, declared_b, hidden, states = set(), set(), set(), {}
+    layout = bundle.layout
+    located_fns, update_mask = set(), False
+    rotate = rotate_chunks_of(parts)
     for i, part in enumerate(chunks, start=1):
         if part is None:
             continue
-        missing_fns = {"infer", "prefill"} - set(part.functions)
+        files = [part] + ([rotate[i - 1]] if len(rotate) == len(chunks) and rotate[i - 1] is not None else [])
+        located = {fn: f for f in reversed(files) for fn in f.functions}
+        required = {"infer", "prefill"} | set(expected_rotate_functions(layout, meta_c))
+        missing_fns = required - set(located)
         if missing_fns:
             problems.append(f"{part.name} lacks function(s) {sorted(missing_fns)}; "
-                            f"{'a monolithic model' if monolithic else 'FFN chunks'} must declare infer and prefill")
+                            f"{'a monolithic model' if monolithic else 'FFN chunks'} must declare "
+                            f"{', '.join(sorted(required))}")
             continue
-        for fn in ("infer", "prefill"):
-            mask = part.feature(fn, "inputs", "causal_mask")
-            hs = part.feature(fn, "inputs", token_input)
-            st = part.feature(fn, "states", STATE_NAME)
-            if mask is None or hs is None or st is None:
-                problems.append(f"{part.name} {fn} lacks causal_mask, {token_input} or the {STATE_NAME} state")
+        located_fns |= set(located) & (required | {"infer_rotate", "prefill_rotate"})
+        for fn, owner in sorted(located.items()):
+            sig = owner.signature(fn)
+            update_mask |= fn == "prefill" and owner.feature(fn, "inputs", "update_mask") is not None
+            mask = owner.feature(fn, "inputs", "causal_mask")
+            hs = owner.feature(fn, "inputs", token_input)
+            if mask is None or hs is None or not sig.states:
+                problems.append(f"{owner.name} {fn} lacks causal_mask, {token_input} or a KV-cache state")
                 continue
             declared_c.add(mask.shape[-1])
             if not monolithic:
                 hidden.add(hs.shape[-1])
-            states[f"{part.name}:{fn}"] = tuple(st.shape)
-            if fn == "prefill":
+            states[f"{owner.name}:{fn}"] = tuple((f.name, tuple(f.shape)) for f in sig.states)
+            if fn.startswith("prefill"):
                 declared_b.add(hs.shape[1])
         md = part.metadata
         for key, want in (("com.anemll.chunk_no", i), ("com.anemll.num_chunks", len(chunks))):
@@ -266,10 +295,12 @@ def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int 
     if len(set(states.values())) > 1:
         problems.append("chunks declare different KV-cache states: " +
                         ", ".join(f"{k} {v}" for k, v in states.items()))
-    C = next(iter(declared_c), meta_c)
+    A = next(iter(declared_c), layout.attention_size or meta_c)  # the mask width: attention_size (0.3.5)
     B = next(iter(declared_b), meta_b)
-    if meta_c is not None and C is not None and meta_c != C:
-        problems.append(f"meta.yaml context_length is {meta_c} but the model was compiled for {C} "
+    C = meta_c if layout.attention_size is not None and meta_c is not None else A
+    want_a, what = (layout.attention_size, "attention_size") if layout.attention_size else (meta_c, "context_length")
+    if want_a is not None and A is not None and want_a != A:
+        problems.append(f"meta.yaml {what} is {want_a} but the model was compiled for {A} "
                         f"(causal_mask last dim); fix meta.yaml or re-convert")
     if meta_b is not None and B is not None and meta_b != B:
         problems.append(f"meta.yaml batch_size is {meta_b} but the model was compiled with prefill batch {B}; "
@@ -302,9 +333,11 @@ def cross_check(bundle, parts: dict, tokenizer_size: int, embeddings_width: int 
     if C is None or B is None:
         raise ContractError(f"{bundle.root}: cannot tell the context length and prefill batch (no meta.yaml values "
                             "and no readable declarations); add them to meta.yaml")
-    state = next(iter(states.values()), None)
+    declared_states = dict(next(iter(states.values()), ()))
+    state = declared_states.get(STATE_NAME, next(iter(declared_states.values()), None))
     return Geometry(context_length=C, batch_size=B, hidden_size=next(iter(hidden), 0), state_shape=state,
-                    logits_widths=widths, head=head, monolithic=monolithic)
+                    logits_widths=widths, head=head, monolithic=monolithic, states=declared_states, mask_width=A,
+                    functions=tuple(sorted(located_fns)) or Geometry.functions, update_mask=update_mask)
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a model directory's config.json is a few hundred bytes; refuse to parse more
@@ -334,11 +367,25 @@ def _positive(doc: dict, key: str) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
+def sliding_layers(cfg: dict, layers: int | None) -> int | None:
+    """How many layers use the sliding-window cache, from config.json: `layer_types` (HF Gemma3TextConfig), else
+    `sliding_window_pattern` (every pattern-th layer global, as build/checkpoint.read_arch); None if neither."""
+    types = cfg.get("layer_types")
+    if layers and isinstance(types, list) and len(types) == layers \
+            and set(types) <= {"sliding_attention", "full_attention"}:
+        return sum(t == "sliding_attention" for t in types)
+    pattern = _positive(cfg, "sliding_window_pattern")
+    if layers and pattern:
+        return sum((i + 1) % pattern != 0 for i in range(layers))
+    return None
+
+
 def expected_geometry(bundle) -> tuple[Geometry, list[str]]:
     """The geometry the ANEMLL contract requires, from config.json and meta.yaml alone — never from what the parts
     declare, so a part that declares a wrong shape is caught — and the names of the values neither file gives
     (their shapes stay unchecked). New layouts extend the contract here and in `expected_interface`."""
     cfg = model_config(bundle)
+    layout = bundle.layout
     C, B = bundle.meta_int("context_length"), bundle.meta_int("batch_size")
     H, V = _positive(cfg, "hidden_size"), _positive(cfg, "vocab_size")
     L, heads = _positive(cfg, "num_hidden_layers"), _positive(cfg, "num_attention_heads")
@@ -349,9 +396,22 @@ def expected_geometry(bundle) -> tuple[Geometry, list[str]]:
     known = {"meta.yaml context_length": C, "meta.yaml batch_size": B, "config.json hidden_size": H,
              "config.json vocab_size": V, "config.json num_hidden_layers": L,
              "config.json num_key_value_heads": kv, "config.json head_dim": d, "meta.yaml split_lm_head": K}
+    sw = layout.sliding_window
+    split_cache = bool(sw) and not layout.single_cache
+    n_local = sliding_layers(cfg, L) if split_cache else None
+    if split_cache:
+        known["config.json layer_types"] = n_local
     unknown = [k for k, v in known.items() if v is None]
     state = (2 * L, kv, S, d) if None not in (L, kv, S, d) else None
-    layout = bundle.layout
+    if split_cache:
+        # gemma3_converter GetTransformerStates: local [2·nLocal, Hkv, sliding_window, d] for the sliding layers,
+        # global [2·nGlobal, Hkv, state_length, d] for the full-attention ones
+        n_global = None if n_local is None else L - n_local
+        states = {"model_model_kv_cache_local": _shape(2 * n_local if n_local is not None else None, kv, sw, d),
+                  "model_model_kv_cache_global": _shape(2 * n_global if n_global is not None else None, kv, S, d)}
+        state = None
+    else:
+        states = {STATE_NAME: state}
     V = V or layout.vocab_size
     # the head's vocabulary chunks: meta.yaml's lm_head_chunk_sizes (0.3.5), else the converters' even split
     # (V // K, the first V % K one larger); an unknown width leaves its shape unchecked, the output still expected
@@ -361,18 +421,27 @@ def expected_geometry(bundle) -> tuple[Geometry, list[str]]:
         widths = (even_split(V, K) if V else [None] * K) if K else None
     head = "argmax" if layout.argmax_in_model else "logits"
     return Geometry(context_length=C, batch_size=B, hidden_size=H, state_shape=state, logits_widths=widths,
-                    head=head, monolithic=layout.monolithic), unknown
+                    head=head, monolithic=layout.monolithic, states=states, mask_width=layout.attention_size or C,
+                    functions=("infer", "prefill") + expected_rotate_functions(layout, C),
+                    update_mask=layout.update_mask_prefill), unknown
 
 
 def _shape(*dims):
     return None if None in dims else tuple(dims)
 
 
+def _batch(fn: str, B):
+    return 1 if fn.startswith("infer") else B
+
+
 def expected_interface(geometry: Geometry, num_chunks: int) -> dict:
     """(part, function, kind, name) -> (shape, dtype) that the ANEMLL contract requires, from `expected_geometry`.
     Shapes are tuples, or a tuple of alternatives for enumerated inputs; None = not checked (undeclared by the
-    contract, or a value config.json/meta.yaml does not give)."""
+    contract, or a value config.json/meta.yaml does not give). Split-rotate companions count as part of their
+    chunk (declared_interface merges them)."""
     C, B, H = geometry.context_length, geometry.batch_size, geometry.hidden_size
+    A = geometry.mask_width or C  # the causal mask is attention_size wide (0.3.5)
+    states = geometry.states if geometry.states is not None else {STATE_NAME: geometry.state_shape}
     if geometry.monolithic:
         # llama_converter.convert_monolithic: input_ids -> embeddings -> all layers -> LM head; the prefill function
         # never has the argmax ("argmax_in_model and not is_prefill") and returns row 0's logits
@@ -380,9 +449,10 @@ def expected_interface(geometry: Geometry, num_chunks: int) -> dict:
         for fn, T in (("infer", 1), ("prefill", B)):
             exp[(MONOLITHIC, fn, "inputs", "input_ids")] = (_shape(1, T), "int32")
             exp[(MONOLITHIC, fn, "inputs", "position_ids")] = (_shape(T), "int32")
-            exp[(MONOLITHIC, fn, "inputs", "causal_mask")] = (_shape(1, 1, T, C), "fp16")
+            exp[(MONOLITHIC, fn, "inputs", "causal_mask")] = (_shape(1, 1, T, A), "fp16")
             exp[(MONOLITHIC, fn, "inputs", "current_pos")] = ((1,), "int32")
-            exp[(MONOLITHIC, fn, "states", STATE_NAME)] = (geometry.state_shape, "fp16")
+            for name, shape in states.items():
+                exp[(MONOLITHIC, fn, "states", name)] = (shape, "fp16")
             exp.update(_head_interface(geometry, MONOLITHIC, fn, argmax=fn == "infer"))
         return exp
     exp = {("embeddings", "main", "inputs", "input_ids"): (None if B is None else ((1, 1), (1, B)), "int32"),
@@ -391,14 +461,18 @@ def expected_interface(geometry: Geometry, num_chunks: int) -> dict:
     exp.update(_head_interface(geometry, "lm_head", "main", argmax=True))
     for i in range(1, num_chunks + 1):
         part = f"chunk{i:02d}"
-        for fn, T in (("infer", 1), ("prefill", B)):
+        for fn in geometry.functions:
+            T = _batch(fn, B)
             exp[(part, fn, "inputs", "hidden_states")] = (_shape(1, T, H), "fp16")
             exp[(part, fn, "inputs", "position_ids")] = (_shape(T), "int32")
-            exp[(part, fn, "inputs", "causal_mask")] = (_shape(1, 1, T, C), "fp16")
+            exp[(part, fn, "inputs", "causal_mask")] = (_shape(1, 1, T, A), "fp16")
             exp[(part, fn, "inputs", "current_pos")] = ((1,), "int32")
-            rows = 1 if (fn == "infer" or i == num_chunks) else B  # the last chunk's prefill returns row 0 only
+            rows = 1 if (T == 1 or i == num_chunks) else B  # the last chunk's prefill returns row 0 only
             exp[(part, fn, "outputs", "output_hidden_states")] = (_shape(1, rows, H), "fp16")
-            exp[(part, fn, "states", STATE_NAME)] = (geometry.state_shape, "fp16")
+            for name, shape in states.items():
+                exp[(part, fn, "states", name)] = (shape, "fp16")
+            if fn == "prefill" and geometry.update_mask:  # gemma3_converter.py: not on prefill_rotate
+                exp[(part, fn, "inputs", "update_mask")] = (_shape(1, 1, A, B), "fp16")
     return exp
 
 
@@ -420,8 +494,9 @@ def declared_interface(parts: dict) -> dict:
             continue
         for fn, sig in part.functions.items():
             fn_key = "main" if role in ("embeddings", "lm_head") else fn
+            chunk_role = role.removesuffix("_rot")  # a split-rotate file's functions belong to its chunk
             for kind in ("inputs", "outputs", "states"):
                 for f in getattr(sig, kind):
                     shape = f.shapes if f.shapes else (tuple(f.shape) if f.shape else None)
-                    out[(role, fn_key, kind, f.name)] = (shape, f.dtype)
+                    out[(chunk_role, fn_key, kind, f.name)] = (shape, f.dtype)
     return out

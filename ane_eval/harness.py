@@ -14,6 +14,10 @@ benchmarks.
 An argmax LM head (ANEMLL 0.3.5 `argmax_in_model`) gives the greedy token and no distribution: greedy generation
 is exact, and loglikelihood, multiple-choice and rolling requests are refused before any of them runs
 (`NoDistributionError`, one line) — a score computed without a distribution would be a wrong number.
+
+Data parallel: launched by torchrun (or accelerate launch), ANELM joins the process group and exposes lm-eval's
+hooks (rank, world_size, all_gather, gather_object, barrier; see distributed.py), so lm-eval's evaluate() splits
+every task's documents over the processes and gathers the results on rank 0.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (_add_special_kwargs, handle_stop_sequences, has_bos_prefix,
                                   normalize_gen_kwargs, postprocess_generated_text)
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from .distributed import Group
 
 log = logging.getLogger("ane_eval")
 
@@ -104,13 +110,15 @@ def log_softmax_at(row: np.ndarray, target: int) -> float:
 @register_model("ane")
 class ANELM(TemplateLM):
     """lm_eval model "ane": model_args model_dir, backend, precision, compute_units, max_length, prefix_reuse,
-    max_gen_toks, seed, add_bos_token."""
+    max_gen_toks, seed, add_bos_token, dist_timeout (seconds per collective when data parallel)."""
 
     def __init__(self, model_dir: str = "demo", backend: str = "auto", precision: str = "fp16",
                  compute_units: str = "CPU_AND_NE", max_length: int | None = None, prefix_reuse: bool = True,
                  max_gen_toks: int = 256, seed: int = 1234, add_bos_token: bool | None = None, model=None,
-                 batch_size=1, **ignored):
+                 batch_size=1, dist_timeout: float | None = None, group: Group | None = None, **ignored):
         super().__init__()
+        self.group = group or Group(timeout=dist_timeout)  # before the model loads: a bad launch fails fast
+        self._rank, self._world_size = self.group.rank, self.group.world_size
         if model is None:
             from .model import load_model, resolve_model
             model = load_model(resolve_model(str(model_dir)), backend=backend, precision=precision,
@@ -132,6 +140,16 @@ class ANELM(TemplateLM):
         ignored.pop("max_batch_size", None)
         if ignored:
             raise ValueError(f"ane: unknown model_args {sorted(ignored)}; see ane_eval.harness.ANELM")
+
+    # --- lm-eval's data-parallel hooks (evaluate() calls them when world_size > 1) -------------------------------
+    def all_gather(self, tensor):
+        return self.group.all_gather(tensor)
+
+    def gather_object(self, obj, dst=0):
+        return self.group.gather_object(obj, dst=dst)
+
+    def barrier(self) -> None:
+        self.group.barrier()
 
     # --- tokenization (as HFLM) ------------------------------------------------------------------------------
     @property
@@ -205,6 +223,10 @@ class ANELM(TemplateLM):
         return [make_disjoint_window(w) for w in get_rolling_token_windows(
             token_list=list(tokens), prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)]
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        # TemplateLM tokenizes under a progress bar of its own: ranks > 0 show none (as HFLM's bars)
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.rank != 0)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         if not self.has_distribution:
             raise no_distribution(self.model, f"{len(requests)} loglikelihood request(s)")
@@ -212,7 +234,7 @@ class ANELM(TemplateLM):
         order = sorted(range(len(requests)), key=lambda i: (requests[i][1] + requests[i][2])[-(self.max_length + 1):])
         results: list = [None] * len(requests)
         before = self.truncated
-        for i in tqdm(order, disable=disable_tqdm, desc="ane loglikelihood"):
+        for i in tqdm(order, disable=disable_tqdm or self.rank != 0, desc="ane loglikelihood"):
             key, context, continuation = requests[i]
             results[i] = self._score(list(context), list(continuation))
             if key is not None:
@@ -226,7 +248,8 @@ class ANELM(TemplateLM):
         if not self.has_distribution:
             raise no_distribution(self.model, f"{len(requests)} rolling loglikelihood request(s)")
         out = []
-        for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="ane rolling loglikelihood"):
+        quiet = disable_tqdm or self.rank != 0
+        for (string,) in tqdm([r.args for r in requests], disable=quiet, desc="ane rolling loglikelihood"):
             windows = self.rolling_windows(self.tok_encode(string))
             scores = self._loglikelihood_tokens([(None, ctx, cont) for ctx, cont in windows], disable_tqdm=True)
             total = sum(s for s, _ in scores)
@@ -250,8 +273,8 @@ class ANELM(TemplateLM):
                 raise no_distribution(self.model, "sampled generation (do_sample with a temperature)")
             jobs.append((context, gen_kwargs, until, int(kwargs["max_gen_toks"]), sample,
                          float(kwargs.get("temperature") or 0.0)))
-        out = []
-        for context, gen_kwargs, until, max_gen_toks, sample, temperature in tqdm(jobs, disable=disable_tqdm,
+        out, quiet = [], disable_tqdm or self.rank != 0
+        for context, gen_kwargs, until, max_gen_toks, sample, temperature in tqdm(jobs, disable=quiet,
                                                                                   desc="ane generate"):
             text = self._generate(context, until, max_gen_toks, sample, temperature)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)

@@ -28,6 +28,16 @@ class NoLogitsError(ValueError):
     """The model's LM head returns only the argmax per vocabulary chunk: there are no logits to give."""
 
 
+def update_mask(width: int, batch_pos: int, batch: int, dtype=np.float16) -> np.ndarray:
+    """fp16 (1, 1, width, B): 1 at [batch_pos + i, i], where row i of a prefill batch is written (chat.py
+    make_update_mask); 0 and 1 are exact in fp16, so `dtype` float32 holds the same values."""
+    mask = np.zeros((1, 1, width, batch), dtype=dtype)
+    rows = np.arange(batch)
+    keep = batch_pos + rows < width
+    mask[0, 0, (batch_pos + rows)[keep], rows[keep]] = 1
+    return mask
+
+
 def causal_mask(context: int, first: int = 0, rows: int | None = None, dtype=np.float16) -> np.ndarray:
     """Additive fp16 (1, 1, rows, C) for the queries at positions first.. (all C by default): 0 where key <= query,
     -inf elsewhere (both exact in fp16, so `dtype` float32 holds the same values). Built per call: the whole
@@ -53,24 +63,25 @@ class ANEModel:
         self.tokenizer = load_tokenizer(self.bundle)
         b = self.bundle
         self.parts = contract.describe_parts(b)
-        load = self.backend_impl.load
         self.monolithic = b.monolithic is not None
-        stages = [b.monolithic] if self.monolithic else b.chunks
         # the parts with infer/prefill functions sharing the state
         self.chunk_parts = [self.parts[contract.MONOLITHIC]] if self.monolithic else contract.chunks_of(self.parts)
-        self._chunks = [(load(p, "infer"), load(p, "prefill")) for p in stages]
+        load = self.backend_impl.load
+        self._chunks = [self._load_functions(i) for i in range(len(self.chunk_parts))]
         self._embeddings = None if self.monolithic else load(b.embeddings)
         self._lm_head = None if self.monolithic else load(b.lm_head)
         width = None if self.monolithic else self._embedding_width()
         self.geometry = contract.cross_check(b, self.parts, len(self.tokenizer), embeddings_width=width)
         self.context_length = self.geometry.context_length
         self.batch_size = self.geometry.batch_size
+        self.mask_width = self.geometry.mask_width or self.context_length  # attention_size (0.3.5)
+        self.rotates = "infer_rotate" in self._chunks[0]  # positions >= sliding_window use the rotate functions
         self.num_chunks = len(b.chunks)
         self.head = self.geometry.head  # "logits" or "argmax"
         self.prefill_rule = b.layout.prefill_rule
         self._hints = {"hidden_states": f"pad to the compiled batch {self.batch_size}",
                        "input_ids": f"input_ids are int32 of shape (1, 1) or (1, {self.batch_size})",
-                       "causal_mask": f"the mask is fp16 (1, 1, rows, {self.context_length})",
+                       "causal_mask": f"the mask is fp16 (1, 1, rows, {self.mask_width})",
                        "position_ids": "position_ids are int32", "current_pos": "current_pos is int32 (1,)"}
         self.boundary = self.backend_impl.boundary
         # the dtype our own fp16 tensors (masks) cross the boundary in: float32 on CoreML, where coremltools would
@@ -106,9 +117,11 @@ class ANEModel:
 
     # --- protocol --------------------------------------------------------------------------------------------
     def reset(self) -> None:
-        """A fresh zeroed state: nothing from an earlier prompt can leak into the next."""
-        self._state = self._chunks[0][1].make_state()
+        """A fresh zeroed state: nothing from an earlier prompt can leak into the next. Every state the chunks
+        declare (local and global caches for Gemma 3) is made at once and passed to every call."""
+        self._state = self._chunks[0]["prefill"][0].make_state()
         self._history: list[int] = []
+        self._next = 0  # the position after the last one written since the reset
 
     def prefill(self, token_ids, start: int = 0) -> None:
         """Put `token_ids` at positions start.. in the cache, by the layout's prefill rule (meta.Layout.prefill_rule):
@@ -122,18 +135,15 @@ class ANEModel:
             raise ContextOverflowError(f"prefill of {len(ids)} tokens from position {start} ends at {end}, past the "
                                        f"context length {self.context_length}; truncate the input")
         seq = self._history[:start] + ids
+        self._prepare_write(start)
         self._history = seq
         B, C = self.batch_size, self.context_length
-        pos = start
         if self.prefill_rule != "padded":
             # chat.py run_prefill: `while batch_pos + batch_size <= context_pos` through prefill, then the remaining
             # tokens one at a time through infer ("avoids padding issues"); no LM head is needed for them
-            while self.prefill_rule == "full_batches" and pos + B <= end:
-                self._run_prefill(pos, seq[pos:pos + B])
-                pos += B
-            for p in range(pos, end):
-                self._run_infer(seq[p], p, head=False)
+            self._feed(start, end, seq)
             return
+        pos = start
         while pos < end:
             # a batch never runs past the context end: start it earlier and re-feed tokens already in the cache
             batch_pos = min(pos, C - B)
@@ -171,41 +181,115 @@ class ANEModel:
         return self.geometry.chunk_offsets[best] + local
 
     # --- internals -------------------------------------------------------------------------------------------
+    def _load_functions(self, i: int) -> dict:
+        """Stage i's functions: name -> (predictor, Part). infer/prefill from the chunk (or monolithic) file; with a
+        context past meta.yaml's sliding_window, infer_rotate/prefill_rotate too, from the split-rotate `_rot` file
+        when there is one (combine_models.py combine_chunks_split_rotate), else from the chunk file (chat.py
+        load_models)."""
+        b, load = self.bundle, self.backend_impl.load
+        main = self.chunk_parts[i]
+        if self.monolithic:
+            return {fn: (load(b.monolithic, fn), main) for fn in ("infer", "prefill")}
+        rot = self.parts.get(f"chunk{i + 1:02d}_rot")
+        found = {fn: (load(b.chunks[i], fn), main) for fn in ("infer", "prefill")}
+        for fn in contract.expected_rotate_functions(b.layout, b.meta_int("context_length")):
+            path, part = (b.rotate_chunks[i], rot) if b.rotate_chunks else (b.chunks[i], main)
+            try:
+                found[fn] = (load(path, fn), part)
+            except (ValueError, RuntimeError, KeyError) as e:
+                raise ContractError(f"{path.name}: meta.yaml sliding_window {b.layout.sliding_window} is shorter "
+                                    f"than the context, but the {fn} function cannot be loaded ({e}); re-convert "
+                                    "with rotate functions") from None
+        return found
+
+    def _infer_function(self, pos: int) -> str:
+        """Functions chosen by position (chat.py): past the sliding window the local cache rotates."""
+        return "infer_rotate" if self.rotates and pos >= self.bundle.layout.sliding_window else "infer"
+
+    def _prefill_function(self, batch_pos: int) -> str | None:
+        """The prefill function for a full batch at batch_pos, or None when it must go token by token: a filling
+        batch must end inside the window, a rotating one start past it (chat.py
+        run_monolithic_prefill_with_rotation)."""
+        if not self.rotates:
+            return "prefill"
+        sw = self.bundle.layout.sliding_window
+        if batch_pos + self.batch_size <= sw:
+            return "prefill"
+        return "prefill_rotate" if batch_pos >= sw else None
+
+    def _prepare_write(self, pos: int) -> None:
+        """Once the local cache has rotated it holds only the last window before `_next`: writing anywhere else
+        (a rewind to a shared prefix) cannot reuse it, so the prefix is replayed from a fresh state. Without
+        rotation a rewind just overwrites (the mask hides stale slots)."""
+        if self.rotates and self._next > self.bundle.layout.sliding_window and pos != self._next:
+            prefix = self._history[:pos]
+            self._state = self._chunks[0]["prefill"][0].make_state()
+            self._next = 0
+            self._feed(0, len(prefix), prefix)
+        self._next = pos
+
+    def _feed(self, start: int, end: int, seq: list[int]) -> None:
+        """0.3.5's prefill rule (chat.py run_prefill): full batches through a prefill function ("full_batches"),
+        the rest token by token through infer / infer_rotate (no LM head needed); no padded batch. With rotate
+        functions a batch that would straddle the sliding window goes token by token too."""
+        B, pos = self.batch_size, start
+        while pos < end:
+            fn = self._prefill_function(pos) if self.prefill_rule == "full_batches" and pos + B <= end else None
+            if fn is None:
+                self._run_infer(seq[pos], pos, head=False)
+                pos += 1
+            else:
+                self._run_prefill(pos, seq[pos:pos + B], fn)
+                pos += B
+
     def _run_infer(self, token_id: int, pos: int, head: bool = True) -> dict:
-        """One token through `infer` at `pos`; the LM head's outputs (with `head`)."""
+        """One token through `infer` (or `infer_rotate` past the window) at `pos`; the LM head's outputs (with
+        `head`)."""
         if pos < 0 or pos > len(self._history):
             raise ValueError(f"infer at position {pos} needs positions 0..{pos - 1} in the cache, which holds "
                              f"{len(self._history)}")
         if pos >= self.context_length:
             raise ContextOverflowError(f"position {pos} is past the context length {self.context_length}; "
                                        "truncate the input")
+        self._prepare_write(pos)
         self._history = self._history[:pos] + [int(token_id)]
+        fn = self._infer_function(pos)
         position = np.array([pos], dtype=np.int32)
-        inputs = {"position_ids": position, "causal_mask": causal_mask(self.context_length, pos, 1, self._fp16),
+        inputs = {"position_ids": position, "causal_mask": causal_mask(self.mask_width, pos, 1, self._fp16),
                   "current_pos": position}
         ids = np.array([[token_id]], dtype=np.int32)
         self.token_evaluations += 1
+        self._next = pos + 1
         if self.monolithic:  # chat.py generate_next_token_monolithic: input_ids straight in, head outputs out
-            return self._call(self._chunks[0][0], self.chunk_parts[0], "infer", {"input_ids": ids, **inputs})
+            predictor, part = self._chunks[0][fn]
+            return self._call(predictor, part, fn, {"input_ids": ids, **inputs})
         hidden = self._embed(ids)
-        for i, (infer, _) in enumerate(self._chunks):
-            hidden = self._call(infer, self.chunk_parts[i], "infer",
-                                {"hidden_states": hidden, **inputs})["output_hidden_states"]
+        for chunk in self._chunks:
+            predictor, part = chunk[fn]
+            hidden = self._call(predictor, part, fn, {"hidden_states": hidden, **inputs})["output_hidden_states"]
         return self._call(self._lm_head, self.parts["lm_head"], None, {"hidden_states": hidden}) if head else {}
 
-    def _run_prefill(self, batch_pos: int, rows: list[int]) -> None:
+    def _run_prefill(self, batch_pos: int, rows: list[int], fn: str = "prefill") -> None:
         B = self.batch_size
         ids = np.array([rows], dtype=np.int32)
         inputs = {"position_ids": np.arange(batch_pos, batch_pos + B, dtype=np.int32),
-                  "causal_mask": causal_mask(self.context_length, batch_pos, B, self._fp16),
+                  "causal_mask": causal_mask(self.mask_width, batch_pos, B, self._fp16),
                   "current_pos": np.array([batch_pos], dtype=np.int32)}
         self.token_evaluations += B
+        self._next = batch_pos + B
         if self.monolithic:  # chat.py run_monolithic_prefill; its logits (row 0) are discarded
-            self._call(self._chunks[0][1], self.chunk_parts[0], "prefill", {"input_ids": ids, **inputs})
+            predictor, part = self._chunks[0][fn]
+            self._call(predictor, part, fn, {"input_ids": ids, **inputs})
             return
         hidden = self._embed(ids)
-        for i, (_, prefill) in enumerate(self._chunks):
-            out = self._call(prefill, self.chunk_parts[i], "prefill", {"hidden_states": hidden, **inputs})
+        for chunk in self._chunks:
+            predictor, part = chunk[fn]
+            extra = {}
+            declared = (part.feature(fn, "inputs", "update_mask") is not None if part is not None
+                        else self.bundle.layout.update_mask_prefill and fn == "prefill")  # compiled: trust meta.yaml
+            if declared:  # declared: static KV writes through the mask
+                extra["update_mask"] = update_mask(self.mask_width, batch_pos, B, self._fp16)
+            out = self._call(predictor, part, fn, {"hidden_states": hidden, **inputs, **extra})
             hidden = out["output_hidden_states"]  # the last chunk's prefill output is row 0 only: discarded
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
@@ -231,5 +315,5 @@ def load_model(model_dir, backend: str = "auto", precision: str = "fp16", comput
     return ANEModel(model_dir, backend=backend, precision=precision, compute_units=compute_units)
 
 
-__all__ = ["ANEModel", "load_model", "resolve_model", "causal_mask", "ContextOverflowError", "ContractError",
-           "NoLogitsError"]
+__all__ = ["ANEModel", "load_model", "resolve_model", "causal_mask", "update_mask", "ContextOverflowError",
+           "ContractError", "NoLogitsError"]

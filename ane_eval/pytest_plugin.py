@@ -55,6 +55,8 @@ def add_options(parser) -> None:
     g.addoption("--baseline", default=None, help="baseline JSON to gate regressions against")
     g.addoption("--update-baseline", action="store_true",
                 help="write the baseline (to --baseline, else OUTPUT_DIR/baseline.json) if the run passed")
+    g.addoption("--dist-timeout", type=float, default=None,
+                help="under torchrun: seconds every collective may wait (default 3600 or $ANE_EVAL_DIST_TIMEOUT)")
     g.addoption("--allow-missing-data", action="store_true",
                 help="skip (instead of fail) tasks whose dataset cannot be reached")
     # fidelity against the source model (ane_eval/fidelity.py; evals/test_fidelity.py, tasks' source columns)
@@ -87,6 +89,7 @@ class Session:
         if self.limit is not None and float(self.limit).is_integer():
             self.limit = int(self.limit)
         self.seed, self.max_tokens, self.chat = opt("seed"), opt("max_tokens"), opt("apply_chat_template")
+        self.dist_timeout = opt("dist_timeout")
         suite_path = opt("suite") or default_suite(self.is_demo)
         self.suite: Suite = load_suite(suite_path)
         self.include_paths = [*self.suite.include_paths, *map(Path, opt("include_path"))]
@@ -184,7 +187,7 @@ def ane_model_info(ane_model):
 def ane_lm(ane_model, ane_session):
     from .harness import ANELM
 
-    return ANELM(model=ane_model, seed=ane_session.seed)
+    return ANELM(model=ane_model, seed=ane_session.seed, dist_timeout=ane_session.dist_timeout)
 
 
 @pytest.fixture(scope="session")
@@ -233,7 +236,9 @@ def ane_source_lm(ane_reference, ane_model, ane_session):
 def ane_task(ane_session, ane_lm, ane_model, ane_model_info, ane_task_manager, ane_source_lm):
     """`ane_task(name, thresholds=None, limit=None, num_fewshot=None) -> record`: runs the lm-eval task on the
     model (from a reset state), writes lm-eval's result files, gates it against the thresholds and the session's
-    baseline, adds it to the summary and report, and fails the test with the verdict table if it did not pass."""
+    baseline, adds it to the summary and report, and fails the test with the verdict table if it did not pass.
+    Under torchrun the task's documents are split over the processes: only rank 0 (which gets the gathered results)
+    gates, reports and returns the record; the other ranks return None."""
     from . import runner
     from .harness import NoDistributionError
 
@@ -248,7 +253,7 @@ def ane_task(ane_session, ane_lm, ane_model, ane_model_info, ane_task_manager, a
             results = runner.evaluate(ane_lm, [name], ane_task_manager, model_name=ane_model_info["name"],
                                       output_dir=s.output_dir, **settings)
             # the same requests through lm-eval's HF backend on the source checkpoint (--reference), cached
-            source = None if ane_source_lm is None else runner.evaluate(
+            source = None if ane_source_lm is None or results is None else runner.evaluate(
                 ane_source_lm[0], [name], ane_task_manager, use_cache=ane_source_lm[1], **settings)
         except runner.TaskError as e:
             if s.allow_missing:
@@ -256,12 +261,19 @@ def ane_task(ane_session, ane_lm, ane_model, ane_model_info, ane_task_manager, a
             pytest.fail(str(e), pytrace=False)
         except NoDistributionError as e:  # an argmax LM head: the task is refused, never scored wrongly
             refused = str(e)
+        except Exception as e:
+            if ane_lm.world_size > 1:  # the other ranks wait in this task's collectives: stop, so theirs fail at once
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                pytest.exit(f"ane-eval: rank {ane_lm.rank}: {name}: {first}", returncode=2)
+            raise
         else:
             refused = None
         finally:
             ane_model.reset()
         if refused:
             pytest.fail(refused, pytrace=False)
+        if results is None:  # a rank > 0 under torchrun: its share went to rank 0, which gates and reports
+            return None
         record = gate.task_record(results, name, limit=limit, model=ane_model_info,
                                   samples=results["samples"].get(name))
         baseline = s.baseline()
@@ -295,10 +307,71 @@ def _benchmarks(config) -> list[dict]:
     return [b.as_dict(include_data=False) for b in getattr(bs, "benchmarks", []) if b]
 
 
+def pytest_configure(config):
+    _warn_shared_engine(config)
+
+
+def _warn_shared_engine(config) -> None:
+    """Parallel processes on CoreML share the Mac's one Neural Engine: they queue for it (or fail busy)."""
+    workers = config.getoption("numprocesses", None) or 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if (workers or local > 1) and not _is_worker(config) and _uses_coreml(config):
+        count = f"-n {workers}" if workers else f"{local} torchrun processes"
+        config.issue_config_time_warning(pytest.PytestConfigWarning(
+            f"ane-eval: {count} on CoreML: the processes share this Mac's one Neural Engine, so they wait for "
+            "each other (or fail with 'resource busy'); expect little speed-up"), stacklevel=2)
+
+
+def _uses_coreml(config) -> bool:
+    backend = config.getoption("backend")
+    if backend != "auto":
+        return backend == "coreml"
+    from .backends import coreml_available
+
+    return bool(coreml_available()[0])
+
+
+def _is_worker(config) -> bool:
+    return hasattr(config, "workerinput")  # set by pytest-xdist on its workers
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """On the pytest-xdist controller: take what a worker's tests produced (its rows, records, reference values
+    and KL divergences), so the controller writes one summary, report and baseline for every worker's tasks."""
+    out = getattr(node, "workeroutput", {}).get("ane_eval")
+    if not out:
+        return
+    s = session_of(node.config)
+    s.rows.extend(gate.Row(**row) for row in out["rows"])
+    s.records.update(out["records"])
+    s.reference.update(out["reference"])
+    s.kld.extend(out["kld"])
+    s.failed = s.failed or out["failed"]
+    s.backend_used = out["backend_used"]
+
+
+def _hand_to_controller(config, s: Session) -> None:
+    """On a pytest-xdist worker: its results go to the controller (workeroutput travels over execnet, so plain
+    lists, dicts, floats and strings only)."""
+    if s.rows or s.kld:
+        config.workeroutput["ane_eval"] = {
+            "rows": [dict(r.__dict__) for r in s.rows], "records": s.records, "reference": s.reference,
+            "kld": [float(x) for x in s.kld], "failed": s.failed, "backend_used": s.backend_used}
+
+
 def pytest_sessionfinish(session, exitstatus):
     s = getattr(session.config, "_ane_session", None)
+    if _is_worker(session.config):  # the controller writes the report, once, for every worker's tasks
+        if s is not None:
+            _hand_to_controller(session.config, s)
+        return
     if s is None or not s.rows:
         return
+    # the suite's order, however the workers finished (rows of other tests, e.g. fidelity, first, as in one process)
+    order = {t.name: i for i, t in enumerate(s.tasks)}
+    s.rows.sort(key=lambda r: order.get(r.task, -1))
+    s.records = dict(sorted(s.records.items(), key=lambda kv: order.get(kv[0], -1)))
     from .report import ReportData, write_report
 
     model = s.records and next(iter(s.records.values())).get("model", {}) or {}

@@ -50,7 +50,8 @@ def evaluate(lm, tasks: list[str], tm, *, num_fewshot=None, limit=None, apply_ch
              model_name: str = "ane") -> dict:
     """lm_eval.simple_evaluate on the ane model; with `output_dir`, lm-eval's results JSON and per-task samples
     JSONL are written there (by lm-eval's EvaluationTracker, as its CLI does). A task whose dataset cannot be
-    reached raises TaskError."""
+    reached raises TaskError. Under torchrun, lm-eval splits the documents over the ranks and returns the
+    results on rank 0 only: None elsewhere."""
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
 
@@ -71,7 +72,14 @@ def evaluate(lm, tasks: list[str], tm, *, num_fewshot=None, limit=None, apply_ch
                     "cache it, or use a local task (dataset_path: json)") if offline else "check the dataset path"
             raise TaskError(f"cannot load the data of {', '.join(tasks)}: {str(e).splitlines()[0]} ({hint})") from None
         raise
-    if tracker is not None:
+    if results is not None and getattr(lm, "world_size", 1) > 1:
+        restore_document_order(results, tm, bootstrap_iters)
+        shots = sorted(t for t, n in (results.get("n-shot") or {}).items() if n)
+        if shots:  # lm-eval draws few-shot examples from one seeded stream per rank (lm_eval/api/task.py TODO)
+            log.warning("ane: %s: few-shot examples under %d processes differ from a single-process run's "
+                        "(lm-eval samples them per rank); metrics agree statistically, not exactly",
+                        ", ".join(shots), lm.world_size)
+    if tracker is not None and results is not None:  # None: a rank > 0 of a data-parallel run
         _save(results, tracker, write_samples)
     return results
 
@@ -88,6 +96,46 @@ def refuse_unscorable(lm, tasks, tm) -> None:
     scored = sorted(n for n, t in loaded.items() if t.OUTPUT_TYPE in SCORED_OUTPUT_TYPES)
     if scored:
         raise no_distribution(lm.model, f"the task(s) {', '.join(scored)}")
+
+
+def restore_document_order(results: dict, tm, bootstrap_iters: int) -> None:
+    """Make a data-parallel run's results those of one process. lm-eval's evaluate() gives rank r the documents
+    r, r+W, ... and concatenates the gathered shares rank after rank, so samples come out in another order (and the
+    samples' task hashes with them) and sums over documents (perplexities) differ in the last bits; and a rank with
+    fewer documents is padded with copies of its last request, whose responses land on that same request (so its
+    sample lists them twice). Samples are put back in document order (within each filter, filters in their order)
+    with `repeats` responses per request, and each task's metrics are aggregated again from those per-document
+    values with lm-eval's own aggregation (the function evaluate() uses; lm-eval is pinned). Group aggregates stay
+    lm-eval's, computed from the rank-ordered lists."""
+    from collections import defaultdict
+
+    from lm_eval.evaluator_utils import _compute_task_aggregations
+    from lm_eval.tasks import get_task_dict
+
+    samples = results.get("samples") or {}
+    leaves = [t for t in samples if t in results.get("results", {}) and t not in results.get("groups", {})]
+    quiet = logging.getLogger("lm_eval")  # building the tasks again repeats their config warnings
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        tasks = get_task_dict(leaves, tm) if leaves else {}
+    finally:
+        quiet.setLevel(level)
+    for name in samples:
+        filters = list(dict.fromkeys(s["filter"] for s in samples[name]))
+        samples[name].sort(key=lambda s: (filters.index(s["filter"]), s["doc_id"]))
+        repeats = int(results.get("configs", {}).get(name, {}).get("repeats") or 1)
+        for s in samples[name]:
+            s["resps"] = [r[:repeats] for r in s["resps"]]
+        task = tasks.get(name)
+        if task is None:
+            continue
+        raw = defaultdict(list)
+        for s in samples[name]:  # the per-document values evaluate() appended, now in document order
+            for metric in s["metrics"]:
+                raw[(metric, s["filter"])].append(s[metric])
+        aggregated, _ = _compute_task_aggregations(task, raw, bootstrap_iters)
+        results["results"][name].update(aggregated)
 
 
 def _is_data_error(e: Exception) -> bool:

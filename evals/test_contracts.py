@@ -81,6 +81,10 @@ def _step(model, token, pos):
     return model.infer(token, pos) if model.head == "logits" else np.array([model.next_token(token, pos)])
 
 
+def _prompt_ids(model, text=PROMPT):
+    return model.tokenizer.encode(text)[: model.context_length]  # small-context models take a prefix
+
+
 def _last_logits_prefill(model, ids):
     model.reset()
     model.prefill(ids[:-1])
@@ -88,7 +92,7 @@ def _last_logits_prefill(model, ids):
 
 
 def test_prefill_then_infer_equals_token_by_token(model):
-    ids = model.tokenizer.encode(PROMPT)[: model.context_length]
+    ids = _prompt_ids(model)
     a = _last_logits_prefill(model, ids)
     model.reset()
     for p, t in enumerate(ids):
@@ -104,8 +108,8 @@ def test_prefill_then_infer_equals_token_by_token(model):
 
 
 def test_state_isolation_after_reset(model):
-    ids = model.tokenizer.encode(PROMPT)
-    other = model.tokenizer.encode("A different, longer prompt fills the cache first. " * 4)[: model.context_length]
+    ids = _prompt_ids(model)
+    other = _prompt_ids(model, "A different, longer prompt fills the cache first. " * 4)
     clean = _last_logits_prefill(model, ids)
     _last_logits_prefill(model, other)
     after = _last_logits_prefill(model, ids)
@@ -116,32 +120,34 @@ def test_reset_clears_a_poisoned_state(model):
     """NaN left in the cache must not survive reset(): on CoreML the mask gives stale slots weight 0, but 0 * NaN is
     NaN, so only a zeroed state makes the next prompt safe. (The portable runtime's fused attention reads only the
     visible slots, so its logits would not show the leak: the state itself is checked.)"""
-    ids = model.tokenizer.encode(PROMPT)
+    ids = _prompt_ids(model)
     clean = _last_logits_prefill(model, ids)
     if not hasattr(model.state, "write_state"):
         pytest.skip(f"the {model.backend} state object cannot be written from Python")
-    shape = model.state.read_state(contract.STATE_NAME).shape
-    # float32: what crosses coremltools' boundary (CoreML converts it into the Float16 state; an fp16 array is
-    # "value type not convertible" there); the portable runtime stores it as fp16 the same way
-    model.state.write_state(contract.STATE_NAME, np.full(shape, np.nan, dtype=np.float32))
-    assert np.isnan(model.state.read_state(contract.STATE_NAME)).all()
+    names = list(model.geometry.states or {contract.STATE_NAME: None})  # Gemma 3: the local and global caches
+    for name in names:
+        shape = model.state.read_state(name).shape
+        # float32: what crosses coremltools' boundary (CoreML converts it into the Float16 state; an fp16 array is
+        # "value type not convertible" there); the portable runtime stores it as fp16 the same way
+        model.state.write_state(name, np.full(shape, np.nan, dtype=np.float32))
+        assert np.isnan(model.state.read_state(name)).all()
     model.reset()
-    after = model.state.read_state(contract.STATE_NAME)
-    assert after.shape == shape and not np.any(after), \
-        f"{int(np.isnan(after).sum())} NaN and {int(np.count_nonzero(np.nan_to_num(after)))} other non-zero values " \
-        "survive reset()"
+    for name in names:
+        after = model.state.read_state(name)
+        assert not np.any(after), f"{name}: {int(np.isnan(after).sum())} NaN and " \
+            f"{int(np.count_nonzero(np.nan_to_num(after)))} other non-zero values survive reset()"
     np.testing.assert_array_equal(_last_logits_prefill(model, ids), clean)
 
 
 def test_determinism(model):
-    ids = model.tokenizer.encode(PROMPT)
+    ids = _prompt_ids(model)
     np.testing.assert_array_equal(_last_logits_prefill(model, ids), _last_logits_prefill(model, ids))
 
 
 def test_logits_finite(model):
     if model.head != "logits":
         pytest.skip("an argmax LM head returns no logits")
-    logits = _last_logits_prefill(model, model.tokenizer.encode(PROMPT))
+    logits = _last_logits_prefill(model, _prompt_ids(model))
     assert np.isfinite(logits).all(), f"{int((~np.isfinite(logits)).sum())} non-finite logits"
 
 
@@ -150,7 +156,7 @@ def test_logits_width_covers_tokenizer(model):
     produce, and as many as config.json's vocabulary."""
     if model.head != "logits":
         pytest.skip("an argmax LM head returns no logits")
-    width = _last_logits_prefill(model, model.tokenizer.encode(PROMPT)).shape[-1]
+    width = _last_logits_prefill(model, _prompt_ids(model)).shape[-1]
     assert width >= len(model.tokenizer), f"the LM head scores {width} ids, the tokenizer has {len(model.tokenizer)}"
     vocab = contract.model_config(model.bundle).get("vocab_size")
     if vocab is not None:

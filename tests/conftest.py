@@ -81,3 +81,34 @@ def write_checkpoint(path: Path, *, model_type="llama", layers=2, hidden=64, hea
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(demo.checkpoint_dir() / f, path / f)
     return path
+
+
+GEMMA3_LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+
+
+def write_gemma3_checkpoint(path: Path, *, sliding_window=16, vocab=1024, seed=0, **config) -> Path:
+    """A random HF Gemma3ForCausalLM (4 layers: sliding, full, sliding, sliding; tied embeddings), weights exactly
+    representable in fp16 — and so are the (1 + w) gains of its norms, which the builder folds into constants."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(**{
+        "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": sliding_window,
+        "layer_types": GEMMA3_LAYER_TYPES, "max_position_embeddings": 512, "query_pre_attn_scalar": 16,
+        "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+        # distinct local and global RoPE bases, so swapping them would show
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}}, **config})
+    model = Gemma3ForCausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)).half().float() - 1)
+            else:
+                p.copy_((torch.randn(p.shape, generator=g) * (0.5 if "embed" in name else 0.1)).half().float())
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(demo.checkpoint_dir() / f, path / f)
+    return path

@@ -117,7 +117,7 @@ def test_anelm_on_coreml_equals_mil_per_request(mac, demo_dir, mil_demo):
 
 def test_contract_knows_the_coreml_boundary(mac, demo_dir):
     m = ane_eval.load_model(demo_dir, backend="coreml")
-    infer, part = m._chunks[0][0], m.chunk_parts[0]
+    infer, part = m._chunks[0]["infer"][0], m.chunk_parts[0]
     ok = {"hidden_states": np.zeros((1, 1, 128), np.float32), "position_ids": np.zeros(1, np.int32),
           "causal_mask": np.zeros((1, 1, 1, 256), np.float32), "current_pos": np.zeros(1, np.int32)}
     m.reset()

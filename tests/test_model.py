@@ -131,7 +131,7 @@ def test_contract_check_on_every_call(model, monkeypatch):
            "causal_mask": np.zeros((1, 1, 10, 256), np.float16), "current_pos": np.array([0], np.int32)}
     with pytest.raises(ContractError, match=r"prefill expects hidden_states \(1, 32, 128\) fp16, got \(1, 10, 128\) "
                                             r"float16; pad to the compiled batch 32"):
-        model._call(model._chunks[0][1], model.chunk_parts[0], "prefill", bad)
+        model._call(model._chunks[0]["prefill"][0], model.chunk_parts[0], "prefill", bad)
 
 
 def test_auto_backend_says_which(demo_dir):

@@ -136,7 +136,7 @@ def test_troubleshooting_messages_are_current(demo_dir, tmp_path, monkeypatch):
     # shape/dtype contract (CoreML's "value type not convertible")
     bad = {"hidden_states": np.zeros((1, 10, 128), np.float16), "position_ids": np.arange(10, dtype=np.int32),
            "causal_mask": np.zeros((1, 1, 10, 256), np.float16), "current_pos": np.array([0], np.int32)}
-    _in_readme(_message(lambda: model._call(model._chunks[0][1], model.chunk_parts[0], "prefill", bad)), repl)
+    _in_readme(_message(lambda: model._call(model._chunks[0]["prefill"][0], model.chunk_parts[0], "prefill", bad)), repl)
     # compiled batch differs from meta.yaml
     (d / "meta.yaml").write_text((d / "meta.yaml").read_text().replace("batch_size: 32", "batch_size: 64"))
     _in_readme(_message(lambda: ane_eval.load_model(d, backend="mil")), repl)

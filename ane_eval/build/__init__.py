@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import CheckpointError, read_arch, read_weights
+from . import gemma3
 from .programs import (STATE_NAME, embeddings_program, ffn_program, lm_head_program, lm_head_splits,
                        monolithic_program)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
 ANEMLL_VERSION = "0.3.4"  # the layout written by default
+GEMMA3_ANEMLL_VERSION = "0.3.5"  # Gemma 3 exists only in 0.3.5's layout (its default here)
 VERSIONS = ("0.3.4", "0.3.5")
 LUT_GROUP = 8  # output channels sharing one LUT (ANEMLL's per-grouped-channel palettization)
 
@@ -53,6 +55,14 @@ class BuildOptions:
     monolithic: bool = False  # 0.3.5 monolithic model: one file with infer and prefill
     meta_version: str | None = None  # meta.yaml layout; default 0.3.4, or 0.3.5 when argmax/monolithic ask for it
     extra_meta: dict = field(default_factory=dict)
+    # Gemma 3 (ANEMLL 0.3.5): one unified cache instead of local + global; rotate functions in separate `_rot`
+    # files; prefill writes through an update_mask input instead of a dynamic slice
+    single_cache: bool = False
+    split_rotate: bool = False
+    update_mask_prefill: bool = False
+    # test-only: upstream refuses contexts below 256 (the ANE's minimum state size); tiny test models may go lower,
+    # the programs' structure is the same
+    allow_small_context: bool = False
 
     @property
     def version(self) -> str:
@@ -104,8 +114,42 @@ def check_options(arch, opts: BuildOptions) -> None:
                         "only")
     if arch.num_heads % arch.num_kv_heads:
         problems.append(f"{arch.num_heads} attention heads are not a multiple of {arch.num_kv_heads} KV heads")
+    if arch.family == "gemma3":
+        problems += _gemma3_problems(arch, opts)
+    elif opts.single_cache or opts.split_rotate or opts.update_mask_prefill:
+        problems.append("single_cache, split_rotate and update_mask_prefill apply to Gemma 3 models only")
     if problems:
         raise BuildError("; ".join(problems))
+
+
+MIN_GEMMA3_CONTEXT = 256  # gemma3_converter.py MIN_ANE_STATE_SIZE
+
+
+def _gemma3_problems(arch, opts: BuildOptions) -> list[str]:
+    problems = []
+    C, B, sw = opts.context_length, opts.batch_size, arch.sliding_window
+    if C < MIN_GEMMA3_CONTEXT and not opts.allow_small_context:
+        problems.append(f"context length {C} is below {MIN_GEMMA3_CONTEXT}, the ANE's minimum state size "
+                        "(upstream refuses it too)")
+    if C < sw:
+        problems.append(f"context length {C} is shorter than the sliding window {sw}; convert with a context of at "
+                        f"least {sw}")
+    if C > sw and not opts.single_cache and (B > sw or sw % B):
+        problems.append(f"prefill batch {B} must divide the sliding window {sw}: prefill_rotate shifts the local "
+                        "cache by whole batches")
+    if opts.single_cache and opts.split_rotate:
+        problems.append("single_cache has no rotate functions, so it cannot be split_rotate")
+    if opts.split_rotate and C <= sw:
+        problems.append(f"split_rotate needs rotate functions, which exist only when the context exceeds the "
+                        f"sliding window {sw}")
+    if opts.state_length is not None and opts.state_length != C:
+        problems.append("Gemma 3 models are built with state_length = context_length")
+    if opts.version != GEMMA3_ANEMLL_VERSION:
+        problems.append(f"Gemma 3 exists only in ANEMLL's {GEMMA3_ANEMLL_VERSION} layout; drop --meta-version "
+                        f"{opts.version}")
+    if opts.monolithic or opts.argmax:
+        problems.append("Gemma 3 builds here are chunked with a logits head: drop --monolithic/--argmax")
+    return problems
 
 
 def _lut(bits: int | None) -> str:
@@ -176,7 +220,9 @@ def build(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, options: Bu
         setattr(opts, k, v)
     arch = read_arch(checkpoint)
     if opts.split_lm_head is None:
-        opts.split_lm_head = 16 if arch.family == "qwen" else 8
+        opts.split_lm_head = 16 if arch.family in ("qwen", "gemma3") else 8
+    if arch.family == "gemma3" and opts.meta_version is None:
+        opts.meta_version = GEMMA3_ANEMLL_VERSION
     check_options(arch, opts)
     with _quiet():
         return _build(checkpoint, out_dir, opts, arch)
@@ -189,6 +235,8 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
     import numpy as np
 
     weights = read_weights(checkpoint)
+    if arch.family == "gemma3":
+        weights = gemma3.norm_weights(weights)
     prefix = opts.prefix or arch.family
     names = part_names(prefix, opts)
     C, B, N = opts.context_length, opts.batch_size, opts.num_chunks
@@ -217,7 +265,8 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
             return out_dir
         emb_input = ct.TensorType(name="input_ids", dtype=np.int32,
                                   shape=ct.EnumeratedShapes(shapes=[[1, 1], [1, B]], default=[1, 1]))
-        model = _convert(embeddings_program(arch, weights), opts.lut_embeddings, inputs=[emb_input],
+        emb_program = (gemma3.gemma3_embeddings_program if arch.family == "gemma3" else embeddings_program)
+        model = _convert(emb_program(arch, weights), opts.lut_embeddings, inputs=[emb_input],
                          weight_ops=("gather",))
         _save_with_metadata(model, tmp / f"{names['embeddings']}.mlpackage",
                             {**common, "com.anemll.lut_bits": opts.lut_embeddings or "none"})
@@ -225,11 +274,18 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
         for c in range(N):
             layers = range(c * per_chunk, (c + 1) * per_chunk)
             last = c == N - 1
-            programs = {fn: ffn_program(arch, weights, layers, T, C, S, last, prefill=(fn == "prefill"))
-                        for fn, T in (("infer", 1), ("prefill", B))}
-            _save_multifunction(tmp, programs, opts.lut_ffn, tmp / f"{names['chunks'][c]}.mlpackage",
-                                {**common, "com.anemll.batch_size": B, "com.anemll.chunk_no": c + 1,
-                                 "com.anemll.lut_bits": opts.lut_ffn or "none"})
+            programs = {fn: _ffn_function(arch, weights, layers, fn, opts, last) for fn in _functions(arch, opts)}
+            chunk_md = {**common, "com.anemll.batch_size": B, "com.anemll.chunk_no": c + 1,
+                        "com.anemll.lut_bits": opts.lut_ffn or "none"}
+            # combine_models.py: one file with every function (combine_chunks_gemma3), or with split_rotate two,
+            # `_chunk_NNofMM` (infer + prefill) and `_chunk_NNofMM_rot` (infer_rotate + prefill_rotate)
+            groups = {"": list(programs)}
+            if opts.split_rotate:
+                groups = {"": [f for f in programs if not f.endswith("_rotate")],
+                          "_rot": [f for f in programs if f.endswith("_rotate")]}
+            for suffix, fns in groups.items():
+                _save_multifunction(tmp, {fn: programs[fn] for fn in fns}, opts.lut_ffn,
+                                    tmp / f"{names['chunks'][c]}{suffix}.mlpackage", chunk_md)
 
         model = _convert(lm_head_program(arch, weights, opts.split_lm_head, argmax=opts.argmax), opts.lut_lmhead)
         _save_with_metadata(model, tmp / f"{names['lm_head']}.mlpackage",
@@ -242,8 +298,9 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
 
 
 def _save_multifunction(tmp: Path, programs: dict, bits: int | None, out: Path, metadata: dict) -> None:
-    """One file with a function per program (`infer` the default), as combine_models does with
-    ct.utils.save_multifunction; each function is palettized before the merge (the merge dedupes weights)."""
+    """One file with a function per program (the first, `infer` or `infer_rotate`, the default), as combine_models
+    does with ct.utils.save_multifunction; each function is palettized before the merge (the merge dedupes
+    weights)."""
     import coremltools as ct
 
     parts = {}
@@ -253,7 +310,7 @@ def _save_multifunction(tmp: Path, programs: dict, bits: int | None, out: Path, 
     desc = ct.utils.MultiFunctionDescriptor()
     for fn, path in parts.items():
         desc.add_function(str(path), src_function_name="main", target_function_name=fn)
-    desc.default_function_name = "infer"
+    desc.default_function_name = next(iter(parts))
     merged = tmp / "merged.mlpackage"
     ct.utils.save_multifunction(desc, str(merged))
     _save_with_metadata(merged, out, metadata)
@@ -273,6 +330,40 @@ def _finish(tmp: Path, out_dir: Path, opts: BuildOptions, arch, names: dict, che
     tmp.rename(out_dir)
 
 
+def _functions(arch, opts: BuildOptions) -> list[str]:
+    if arch.family != "gemma3":
+        return ["infer", "prefill"]
+    # rotate functions only when the context exceeds the window (convert_model.sh), never with a single cache
+    rotate = opts.context_length > arch.sliding_window and not opts.single_cache
+    return [f for f in gemma3.FUNCTIONS if rotate or not f.endswith("_rotate")]
+
+
+def _ffn_function(arch, weights, layers: range, fn: str, opts: BuildOptions, last: bool):
+    C, B = opts.context_length, opts.batch_size
+    S = max(opts.state_length or C, C)
+    if arch.family == "gemma3":
+        return gemma3.gemma3_ffn_program(arch, weights, layers, fn, B, C, S, last, opts.single_cache,
+                                         opts.update_mask_prefill)
+    T = B if fn == "prefill" else 1
+    return ffn_program(arch, weights, layers, T, C, S, last, prefill=(fn == "prefill"))
+
+
+def _gemma3_meta(opts: BuildOptions, arch, names: dict) -> dict:
+    """The keys generate_meta_yaml.py (0.3.5) adds for a chunked Gemma 3 conversion (`ffn` with the chunk suffix,
+    vocab_size and lm_head_chunk_sizes come from the 0.3.5 chunked keys): update_mask_prefill replaces
+    prefill_dynamic_slice when asked."""
+    chunk1 = names["chunks"][0]
+    meta = {}
+    if opts.split_rotate:
+        meta.update({"split_rotate": True, "pf": f"{chunk1}_rot.mlmodelc"})
+    meta["sliding_window"] = arch.sliding_window
+    if opts.update_mask_prefill:
+        meta["update_mask_prefill"] = True
+    if opts.single_cache:
+        meta["single_cache"] = True
+    return meta
+
+
 def _write_meta(path: Path, opts: BuildOptions, arch, names: dict, checkpoint: Path) -> None:
     import yaml
 
@@ -280,11 +371,21 @@ def _write_meta(path: Path, opts: BuildOptions, arch, names: dict, checkpoint: P
                     + ("-monolithic" if opts.monolithic else ""),
             "version": opts.version,
             "description": f"{arch.model_type} converted by ane-eval's builder into the ANEMLL layout",
-            "architecture": arch.family}
+            "architecture": "gemma3_text" if arch.family == "gemma3" else arch.family}
     if opts.monolithic:
         info["model_type"] = "monolithic"
-    meta = {"model_info": {**info, "parameters": {**_meta_params(opts, arch, names), **opts.extra_meta}}}
-    path.write_text(yaml.safe_dump(meta, sort_keys=False))
+    params = _meta_params(opts, arch, names)
+    if arch.family == "gemma3":
+        params.update(_gemma3_meta(opts, arch, names))
+        if opts.update_mask_prefill:
+            params.pop("prefill_dynamic_slice", None)
+    meta = {"model_info": {**info, "parameters": {**params, **opts.extra_meta}}}
+    text = yaml.safe_dump(meta, sort_keys=False)
+    if arch.family == "gemma3":  # 0.3.5 appends the conversion parameters as comments (generate_conversion_comments)
+        text += ("\n# " + "=" * 77 + "\n# Conversion Parameters (for troubleshooting)\n# " + "=" * 77 + "\n"
+                 f"# context_length: {opts.context_length}\n# batch_size: {opts.batch_size}\n"
+                 f"# num_chunks: {opts.num_chunks}\n# converter: ane-eval\n")
+    path.write_text(text)
 
 
 def _meta_params(opts: BuildOptions, arch, names: dict) -> dict:
@@ -316,12 +417,15 @@ def _write_stub_config(path: Path, arch) -> None:
     import json
 
     # the original checkpoint's geometry, under Hugging Face's key names: the contract's expected shapes come from
-    # here and meta.yaml, independently of what the converted parts declare (contract.expected_geometry)
-    path.write_text(json.dumps({"model_type": arch.model_type, "architectures": ["AnemllModel"],
-                                "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size,
-                                "num_hidden_layers": arch.num_layers, "num_attention_heads": arch.num_heads,
-                                "num_key_value_heads": arch.num_kv_heads, "head_dim": arch.head_dim},
-                               indent=2) + "\n")
+    # here and meta.yaml, independently of what the converted parts declare (contract.expected_geometry). 0.3.5's
+    # Gemma 3 conversions write a stub saying "llama" (observed on a real run): kept, drivers must trust meta.yaml
+    # and the programs; the Gemma 3 stub also records layer_types (which layers use the sliding-window cache)
+    doc = {"model_type": "llama" if arch.family == "gemma3" else arch.model_type, "architectures": ["AnemllModel"],
+           "vocab_size": arch.vocab_size, "hidden_size": arch.hidden_size, "num_hidden_layers": arch.num_layers,
+           "num_attention_heads": arch.num_heads, "num_key_value_heads": arch.num_kv_heads, "head_dim": arch.head_dim}
+    if arch.family == "gemma3":
+        doc.update({"sliding_window": arch.sliding_window, "layer_types": list(arch.layer_types)})
+    path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def main(argv=None) -> int:
@@ -331,6 +435,8 @@ def main(argv=None) -> int:
     for f in ("context_length", "batch_size", "num_chunks", "split_lm_head", "lut_ffn", "lut_lmhead",
               "lut_embeddings", "state_length"):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(BuildOptions, f))
+    for f in ("single_cache", "split_rotate", "update_mask_prefill"):
+        ap.add_argument("--" + f.replace("_", "-"), action="store_true", help="Gemma 3 only")
     ap.add_argument("--prefix")
     ap.add_argument("--argmax", action="store_true", help="LM head returns argmax_idx/argmax_val (ANEMLL 0.3.5)")
     ap.add_argument("--monolithic", action="store_true", help="one file: embeddings + layers + LM head (0.3.5)")
