@@ -369,7 +369,7 @@ def _positive(doc: dict, key: str) -> int | None:
 
 def sliding_layers(cfg: dict, layers: int | None) -> int | None:
     """How many layers use the sliding-window cache, from config.json: `layer_types` (HF Gemma3TextConfig), else
-    `sliding_window_pattern` (every pattern-th layer global, as build/checkpoint.read_arch); None if neither."""
+    `sliding_window_pattern` (every pattern-th layer global, as convert/checkpoint.read_arch); None if neither."""
     types = cfg.get("layer_types")
     if layers and isinstance(types, list) and len(types) == layers \
             and set(types) <= {"sliding_attention", "full_attention"}:

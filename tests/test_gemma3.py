@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 import ane_eval
-from ane_eval.build import BuildError, BuildOptions, build
-from ane_eval.build.checkpoint import CheckpointError
+from ane_eval.convert import BuildError, BuildOptions, build
+from ane_eval.convert.checkpoint import CheckpointError
 
 from .conftest import hf_logits, psnr, write_gemma3_checkpoint
 

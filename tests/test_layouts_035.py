@@ -15,7 +15,7 @@ import yaml
 
 import ane_eval
 from ane_eval import contract
-from ane_eval.build import BuildOptions, build
+from ane_eval.convert import BuildOptions, build
 from ane_eval.bundle import BundleError, discover
 from ane_eval.contract import ContractError
 from ane_eval.harness import ANELM, NoDistributionError
@@ -23,7 +23,7 @@ from ane_eval.model import NoLogitsError
 
 from .conftest import hf_logits, psnr, write_checkpoint
 from .test_user_tasks import README
-from .test_build import features, spec_of
+from .test_convert import features, spec_of
 
 VOCAB, SPLIT = 1030, 16  # Qwen's 16-way split of 1030 ids is uneven (65 x 6, 64 x 10): offsets must be cumulative
 WIDTHS = [65] * 6 + [64] * 10
@@ -263,7 +263,7 @@ def test_monolithic_without_meta_yaml_is_found(built, tmp_path):
     ({"monolithic": True, "lut_ffn": 4}, "LM head parts of width [65] cannot be palettized in groups of 8"),
 ])
 def test_refused_035_options(built, tmp_path, opts, message):
-    from ane_eval.build import BuildError
+    from ane_eval.convert import BuildError
 
     with pytest.raises(BuildError, match=re.escape(message)):
         build(built[0], tmp_path / "out", BuildOptions(context_length=64, batch_size=16, num_chunks=2, **opts))

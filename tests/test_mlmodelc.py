@@ -68,7 +68,7 @@ def demo_builds(demo_dir):
 @pytest.fixture(scope="module")
 def other_architectures(tmp_path_factory):
     """Qwen2 (fp16, qkv bias) and Qwen3 (LUT4, q/k norm) converted by the project's converter."""
-    from ane_eval.build import BuildOptions, build
+    from ane_eval.convert import BuildOptions, build
 
     root = tmp_path_factory.mktemp("arch")
     out = {}

@@ -21,7 +21,7 @@ _SKIP = shutil.ignore_patterns(".git", ".venv", ".cache", "__pycache__", "*.egg-
 
 
 def SKIP(directory, names):
-    """What a clone holds besides sources; build/, dist/ and results/ only at the top (ane_eval/build is code)."""
+    """What a clone holds besides sources; build/, dist/ and results/ only at the top (ane_eval/convert is code)."""
     top = {"build", "dist", "results"} & set(names) if Path(directory) == ROOT else set()
     return set(_SKIP(directory, names)) | top
 

@@ -167,7 +167,7 @@ def _broken_demo(root: Path, bug: str) -> Path:
     from safetensors.numpy import load_file, save_file
 
     from ane_eval import demo
-    from ane_eval.build import BuildOptions, build
+    from ane_eval.convert import BuildOptions, build
 
     ckpt = root / "checkpoint"
     shutil.copytree(demo.checkpoint_dir(), ckpt)

@@ -37,7 +37,7 @@ def fingerprint(options: dict) -> str:
     for f in sorted(checkpoint_dir().iterdir()):
         h.update(f.name.encode())
         h.update(f.read_bytes())
-    for f in sorted((HERE.parent / "build").glob("*.py")):
+    for f in sorted((HERE.parent / "convert").glob("*.py")):
         h.update(f.name.encode())
         h.update(f.read_bytes())
     h.update(repr(sorted(options.items())).encode())
@@ -58,7 +58,7 @@ def model_dir(lut: int | None = None, **overrides) -> Path:
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same directory
         if not (out / "meta.yaml").is_file():
-            from ..build import BuildOptions, build
+            from ..convert import BuildOptions, build
 
             build(checkpoint_dir(), out, BuildOptions(name=f"ane-eval-demo{'-lut' + str(lut) if lut else ''}"
                                                       f"-ctx{options['context_length']}", **options))

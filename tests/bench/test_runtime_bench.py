@@ -14,7 +14,7 @@ import pytest
 
 import ane_eval
 from ane_eval import demo
-from ane_eval.build import BuildOptions, build
+from ane_eval.convert import BuildOptions, build
 
 from ..conftest import write_checkpoint
 

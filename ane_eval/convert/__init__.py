@@ -1,6 +1,6 @@
 """Hugging Face checkpoint → ANEMLL-layout model directory (`.mlpackage` parts, meta.yaml, tokenizer), on any OS.
 
-    python -m ane_eval.build CHECKPOINT OUT [--context-length 512] [--batch-size 64] [--num-chunks 1] ...
+    python -m ane_eval.convert CHECKPOINT OUT [--context-length 512] [--batch-size 64] [--num-chunks 1] ...
         [--argmax] [--monolithic] [--meta-version 0.3.5]
 
 Used for the demo model and test fixtures; mirrors what ANEMLL 0.3.4's converter produces (ANEMLL-CONTRACT.md),
@@ -429,7 +429,7 @@ def _write_stub_config(path: Path, arch) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ane_eval.build", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m ane_eval.convert", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint")
     ap.add_argument("out")
     for f in ("context_length", "batch_size", "num_chunks", "split_lm_head", "lut_ffn", "lut_lmhead",

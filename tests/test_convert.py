@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from ane_eval import demo
-from ane_eval.build import BuildError, BuildOptions, build
-from ane_eval.build.checkpoint import CheckpointError
+from ane_eval.convert import BuildError, BuildOptions, build
+from ane_eval.convert.checkpoint import CheckpointError
 
 from .conftest import write_checkpoint
 
