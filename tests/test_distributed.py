@@ -97,8 +97,8 @@ def test_bad_launch_environment_is_one_line():
         del os.environ["WORLD_SIZE"], os.environ["RANK"]
 
 
-def _run_args(out: Path, cache: Path) -> list[str]:
-    return ["run", "--model", "demo", "--tasks", TASKS, "--limit", LIMIT, "--log-samples",
+def _run_args(out: Path, cache: Path, model="demo") -> list[str]:
+    return ["run", "--model", str(model), "--tasks", TASKS, "--limit", LIMIT, "--log-samples",
             "--output-dir", str(out), "--use-cache", str(cache)]
 
 
@@ -122,14 +122,18 @@ def _files(out: Path) -> dict:
 
 
 def test_torchrun_gives_the_single_process_files(demo_dir, tmp_path):
+    _assert_torchrun_matches_one_process("demo", tmp_path)
+
+
+def _assert_torchrun_matches_one_process(model, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    single = subprocess.run([sys.executable, "-m", "ane_eval", *_run_args(one, tmp_path / "c1" / "cache")],
+    single = subprocess.run([sys.executable, "-m", "ane_eval", *_run_args(one, tmp_path / "c1" / "cache", model)],
                             capture_output=True, text=True, env=loopback_env(), timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
     logs = tmp_path / "logs"
     multi = subprocess.run([*TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
                             str(free_port()), "--redirects", "3", "--log-dir", str(logs), "-m", "ane_eval",
-                            *_run_args(two, tmp_path / "c2" / "cache")],
+                            *_run_args(two, tmp_path / "c2" / "cache", model)],
                            capture_output=True, text=True, env=loopback_env(), timeout=600)
     assert multi.returncode == 0, multi.stderr[-2000:]
     a, b = _files(one), _files(two)
@@ -150,16 +154,20 @@ def _noise_free(text: str) -> str:
     return "\n".join(ln for ln in text.splitlines() if "_MLModelProxy" not in ln and "_MLCPU" not in ln).strip()
 
 
-def _suite(out: Path, *extra: str, launcher=(sys.executable,)) -> subprocess.CompletedProcess:
+def _suite(out: Path, *extra: str, launcher=(sys.executable,), model="demo") -> subprocess.CompletedProcess:
     return subprocess.run([*launcher, "-m", "pytest", "evals", "-q", "-p", "no:cacheprovider", "-k", "test_task",
-                           "--tasks", "demo_boolq,demo_wikitext", "--limit", "2", "--output-dir", str(out),
-                           "--update-baseline", *extra], capture_output=True, text=True, env=loopback_env(),
+                           "--model-dir", str(model), "--tasks", "demo_boolq,demo_wikitext", "--limit", "2",
+                           "--output-dir", str(out), "--update-baseline", *extra], capture_output=True, text=True, env=loopback_env(),
                           timeout=600, cwd=Path(__file__).parents[1])
 
 
 def test_xdist_workers_report_every_task_once(demo_dir, tmp_path):
     """`pytest evals -n 2`: the controller's summary, baseline and table are the single-process ones."""
-    one, two = _suite(tmp_path / "one"), _suite(tmp_path / "two", "-n", "2")
+    _assert_xdist_matches_one_process("demo", tmp_path)
+
+
+def _assert_xdist_matches_one_process(model, tmp_path):
+    one, two = _suite(tmp_path / "one", model=model), _suite(tmp_path / "two", "-n", "2", model=model)
     assert one.returncode == 0 and two.returncode == 0, (one.stdout[-1500:], two.stdout[-1500:])
     for name in ("summary.md", "baseline.json"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
@@ -179,3 +187,28 @@ def test_torchrun_suite_gates_on_rank_0(demo_dir, tmp_path):
     for name in ("summary.md", "baseline.json"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
     assert split.stdout.count("ane-eval: summary written") == 1  # rank 1 neither gates nor reports
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Qwen2 (qkv bias, fp16) and Qwen3 (q/k norm, LUT4) as the converter builds them, at the demo's geometry (the
+    Llama case is the demo itself)."""
+    from ane_eval import demo
+    from ane_eval.convert import BuildOptions, build
+
+    from .conftest import write_checkpoint
+
+    root = tmp_path_factory.mktemp("converted")
+    out = {}
+    for kind, extra, lut in (("qwen2", {"bias": True}, None), ("qwen3", {"qk_norm": True}, 4)):
+        ckpt = write_checkpoint(root / f"{kind}-ckpt", model_type=kind, layers=2, seed=5, **extra)
+        out[kind] = build(ckpt, root / kind, BuildOptions(**{**demo.BUILD_OPTIONS, "lut_ffn": lut, "lut_lmhead": lut}))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_converted_models_split_like_one_process(converted, kind, tmp_path):
+    """The same two checks as above on converted Qwen models: torchrun `run` files and `pytest evals -n 2`."""
+    _assert_torchrun_matches_one_process(converted[kind], tmp_path / "run")
+    _assert_xdist_matches_one_process(converted[kind], tmp_path / "suite")
