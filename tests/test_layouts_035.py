@@ -180,8 +180,8 @@ def test_prefill_rules(built, tmp_path, monkeypatch):
         assert model.prefill_rule == rule
         calls = []
         run = model._run_prefill
-        monkeypatch.setattr(model, "_run_prefill", lambda pos, rows, run=run: (calls.append((pos, len(rows))),
-                                                                               run(pos, rows)))
+        monkeypatch.setattr(model, "_run_prefill", lambda pos, rows, *fn, run=run: (calls.append((pos, len(rows))),
+                                                                                    run(pos, rows, *fn)))
         model.prefill(IDS[:40])
         batches[rule] = (calls, model.token_evaluations)
         logits[rule] = model.infer(IDS[40], 40)
