@@ -307,6 +307,7 @@ def _benchmarks(config) -> list[dict]:
     return [b.as_dict(include_data=False) for b in getattr(bs, "benchmarks", []) if b]
 
 
+@pytest.hookimpl(trylast=True)  # after other plugins' configure: one may set up the platform (tests.coreml_emulator)
 def pytest_configure(config):
     _warn_shared_engine(config)
 

@@ -212,3 +212,14 @@ def test_converted_models_split_like_one_process(converted, kind, tmp_path):
     """The same two checks as above on converted Qwen models: torchrun `run` files and `pytest evals -n 2`."""
     _assert_torchrun_matches_one_process(converted[kind], tmp_path / "run")
     _assert_xdist_matches_one_process(converted[kind], tmp_path / "suite")
+
+
+@pytest.mark.parametrize("backend, warned", [("auto", True), ("mil", False)])
+def test_parallel_workers_on_coreml_are_warned(backend, warned):
+    """On a Mac (emulated: tests/coreml_emulator.py) `-n 2` workers share one Neural Engine: the controller warns;
+    on the portable runtime it does not. --collect-only: the warning comes at configure time, no model is loaded."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.coreml_emulator", "evals", "-n", "2",
+                           "--backend", backend, "--collect-only", "-q", "-p", "no:cacheprovider"],
+                          capture_output=True, text=True, env=loopback_env(), timeout=300, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stdout[-1500:]
+    assert ("-n 2 on CoreML: the processes share this Mac's one Neural Engine" in proc.stdout) is warned
