@@ -8,7 +8,8 @@ once per set of include paths and handed to every session; it is the same index 
 loads each task's config afresh from it in `simple_evaluate`), so nothing measured changes.
 
     python -m tests.suite_runs [--emulated-mac] RUNS.json
-        RUNS.json: [{"args": [pytest evals arguments], "junit": "path.xml"}, ...]
+        RUNS.json: [{"args": [pytest evals arguments], "junit": "path.xml"}, ...]; each run's exit status is
+        written back into it ("exit": 0 all passed, 1 some failed, 2 the session stopped early, ...)
     outcomes("path.xml") -> {"test_contracts.py::test_tensor[...]": ("passed" | "failed" | "skipped", message)}
 
 `--emulated-mac` makes the whole process an emulated Apple silicon Mac first (tests/coreml_emulator.py), so
@@ -50,7 +51,9 @@ def main(argv: list[str]) -> int:
     index = functools.lru_cache(maxsize=None)(runner.task_manager)
     runner.task_manager = lambda include_paths=(): index(tuple(include_paths))
     for run in runs:
-        pytest.main(["evals", "-q", "-p", "no:cacheprovider", "--junitxml", run["junit"], *map(str, run["args"])])
+        run["exit"] = int(pytest.main(["evals", "-q", "-p", "no:cacheprovider", "--junitxml", run["junit"],
+                                       *map(str, run["args"])]))
+    Path(argv[0]).write_text(json.dumps(runs))
     return 0
 
 
