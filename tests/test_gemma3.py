@@ -111,6 +111,23 @@ def test_rewind_after_rotation_replays_the_prefix(gemma_builds):
     np.testing.assert_array_equal(rewound, model.infer(ids[22], 22))
 
 
+def test_inspect_shows_the_local_and_global_caches(gemma_builds):
+    """`ane-eval inspect`: which cache holds which layers, how many positions, and that the local one rotates."""
+    from ane_eval.card import format_card, model_card
+
+    cards = {name: model_card(gemma_builds[name]) for name in ("split", "unified", "split_rotate")}
+    caches = {name: {c["name"]: (c["kind"], c["layers"], c["positions"], c["rotates"])
+                     for c in card["layout"]["kv_caches"]} for name, card in cards.items()}
+    split = {"model_model_kv_cache_local": ("local", 3, SW, True), "model_model_kv_cache_global": ("global", 1, C, False)}
+    assert caches == {"split": split, "split_rotate": split,
+                      "unified": {"model_model_kv_cache_0": ("unified", 4, C, False)}}
+    text = format_card(cards["split"])
+    assert (f"model_model_kv_cache_local (6, 2, {SW}, 16): local (sliding-window layers), layers 3, positions {SW}, "
+            f"shifted past the window of {SW} by infer_rotate / prefill_rotate") in text
+    assert f"model_model_kv_cache_global (2, 2, {C}, 16): global (full-attention layers), layers 1, positions {C}" in text
+    assert "LM head: logits" in text
+
+
 @pytest.mark.parametrize("opts, message", [
     ({"context_length": 64, "batch_size": 8}, "context length 64 is below 256"),
     ({"context_length": 64, "batch_size": 12, "allow_small_context": True}, "prefill batch 12 must divide the "

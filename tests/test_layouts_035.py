@@ -226,6 +226,8 @@ def test_inspect_names_the_head(built):
         assert card["consistency"]["ok"], card["consistency"]
         assert card["layout"]["head"] == head
         assert f"LM head: {head} (" in format_card(card)
+        assert [(c["name"], c["kind"], c["layers"], c["positions"]) for c in card["layout"]["kv_caches"]] == \
+            [("model_model_kv_cache_0", "whole model", 2, 64)]
     card = model_card(dirs["monolithic_argmax"])
     assert card["layout"]["model_type"] == "monolithic" and [p["role"] for p in card["parts"]] == ["monolithic"]
 
