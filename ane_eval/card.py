@@ -61,7 +61,9 @@ def model_card(model_dir) -> dict:
     layout = bundle.layout
     card = {"directory": str(model_dir), "name": bundle.name, "architecture": bundle.architecture,
             "meta": bundle.meta, "layout": {"version": layout.version, "model_type": layout.model_type,
-                                            "prefill": layout.prefill_rule, "head": _head(bundle, described)},
+                                            "prefill": layout.prefill_rule, "head": _head(bundle, described),
+                                            "sliding_window": layout.sliding_window,
+                                            "kv_caches": _kv_caches(described, layout)},
             "parts": [], "backends": _backends()}
     for role, path in contract.part_paths(bundle).items():
         label = role
@@ -104,6 +106,39 @@ def _head(bundle, described: dict) -> str:
     return "logits"
 
 
+def _kv_caches(described: dict, layout) -> list[dict]:
+    """The KV caches the programs declare, [2·layers, Hkv, positions, d] each, and which layers they hold: Gemma 3's
+    split caches (gemma3_converter.py: `_local` for the sliding-window layers, `_global` for the full-attention
+    ones), or one cache for every layer (0.3.4, and Gemma 3 with single_cache)."""
+    states = {}
+    for (_, _, kind, name), (shape, _) in contract.declared_interface(described).items():
+        if kind == "states" and shape:
+            states.setdefault(name, list(shape))
+    rotates = any(fn.endswith("_rotate") for part in described.values() for fn in part.functions)
+    caches = []
+    for name, shape in sorted(states.items()):
+        kind = ("local" if name.endswith("_local") else "global" if name.endswith("_global")
+                else "unified" if layout.sliding_window else "whole model")
+        kv_layout = len(shape) == 4  # anything else is declared, shown, and left to the consistency check
+        caches.append({"name": name, "shape": shape, "kind": kind, "layers": shape[0] // 2 if kv_layout else None,
+                       "positions": shape[2] if kv_layout else None, "rotates": kind == "local" and rotates})
+    return caches
+
+
+CACHE_KINDS = {"local": "local (sliding-window layers)", "global": "global (full-attention layers)",
+               "whole model": "one cache for every layer",
+               "unified": "unified (sliding-window and full-attention layers)"}
+
+
+def _format_cache(c: dict, sliding_window) -> str:
+    text = f"{c['name']} {tuple(c['shape'])}: {CACHE_KINDS[c['kind']]}"
+    if c["layers"] is not None:
+        text += f", layers {c['layers']}, positions {c['positions']}"
+    if c["rotates"]:
+        text += f", shifted past the window of {sliding_window} by infer_rotate / prefill_rotate"
+    return text
+
+
 HEADS = {"argmax": "argmax (argmax_idx/argmax_val per vocabulary chunk: greedy generation only, no loglikelihoods)",
          "logits": "logits (a distribution: every task type)"}
 
@@ -125,6 +160,8 @@ def format_card(card: dict) -> str:
     lay = card["layout"]
     lines.append(f"layout: ANEMLL {lay['version'] or '?'} {lay['model_type']}, prefill {lay['prefill']}; "
                  f"LM head: {HEADS[lay['head']]}")
+    if lay["kv_caches"]:
+        lines.append("KV cache: " + "; ".join(_format_cache(c, lay["sliding_window"]) for c in lay["kv_caches"]))
     lines.append(f"parameters: {card['parameters']:,}   size on disk: {card['size_bytes'] / 2**20:.1f} MiB")
     if card["meta"]:
         lines.append("meta.yaml: " + ", ".join(f"{k}={v}" for k, v in card["meta"].items()))

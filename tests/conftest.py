@@ -112,3 +112,43 @@ def write_gemma3_checkpoint(path: Path, *, sliding_window=16, vocab=1024, seed=0
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy2(demo.checkpoint_dir() / f, path / f)
     return path
+
+
+# --- converter-built models of every ANEMLL 0.3.5 layout, shared by the tests of the session ----------------------
+QWEN_VOCAB = 1030  # Qwen's 16-way split of 1030 ids is uneven (65 x 6, 64 x 10): argmax offsets must be cumulative
+LAYOUTS_035 = {"reference": {}, "argmax": {"argmax": True}, "monolithic": {"monolithic": True},
+               "monolithic_argmax": {"monolithic": True, "argmax": True}}
+GEMMA_SW, GEMMA_C, GEMMA_B = 16, 64, 8  # sliding window < context, so the rotate functions run; B divides the window
+GEMMA_VARIANTS = {
+    "split": {"num_chunks": 2},  # chunk 2 has no full-attention layer: it only touches the global cache
+    "unified": {"single_cache": True},
+    "split_rotate": {"split_rotate": True, "update_mask_prefill": True},
+}
+
+
+@pytest.fixture(scope="session")
+def layouts_035(tmp_path_factory):
+    """(checkpoint, {layout: model dir}): a random Qwen2 checkpoint converted as 0.3.4 (reference) and as the 0.3.5
+    argmax / monolithic layouts."""
+    from ane_eval.convert import BuildOptions, build
+
+    root = tmp_path_factory.mktemp("layouts")
+    ckpt = write_checkpoint(root / "ckpt", model_type="qwen2", vocab=QWEN_VOCAB, bias=True, seed=3)
+    dirs = {name: build(ckpt, root / name, BuildOptions(context_length=64, batch_size=16, num_chunks=2, **kw))
+            for name, kw in LAYOUTS_035.items()}
+    return ckpt, dirs
+
+
+@pytest.fixture(scope="session")
+def gemma_ckpt(tmp_path_factory):
+    return write_gemma3_checkpoint(tmp_path_factory.mktemp("gemma3") / "ckpt", sliding_window=GEMMA_SW)
+
+
+@pytest.fixture(scope="session")
+def gemma_builds(gemma_ckpt, tmp_path_factory):
+    from ane_eval.convert import BuildOptions, build
+
+    root = tmp_path_factory.mktemp("gemma3_builds")
+    return {name: build(gemma_ckpt, root / name, BuildOptions(context_length=GEMMA_C, batch_size=GEMMA_B,
+                                                              allow_small_context=True, **opts))
+            for name, opts in GEMMA_VARIANTS.items()}

@@ -18,6 +18,7 @@ from ane_eval import contract, demo
 from ane_eval.backends import BackendError, auto_backend, macos_version, os_name, select
 from ane_eval.bundle import discover, model_info
 from tests import coreml_emulator
+from tests.mlmodelc_writer import compile_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Question: is the state clean between prompts? The quick brown fox jumps over the lazy dog.\nAnswer:"
@@ -101,6 +102,33 @@ def test_lut_build_on_coreml_equals_mil(mac):
     np.testing.assert_array_equal(_last_logits(coreml, ids), _last_logits(mil, ids))
 
 
+def test_compiled_only_directory_loads_as_it_is(mac, demo_dir, mil_demo, tmp_path):
+    """A directory of `.mlmodelc` parts only (what ANEMLL publishes) resolves to CoreML and loads every part as it
+    is: `CompiledMLModel(path, compute_units, function_name)` hands the path to the binding, which compiles only
+    what is not a compiled model (`Model::Model`: `Utils::isCompiledModelPath`, CoreMLPython.mm). Same logits as
+    the packages on the portable runtime."""
+    import coremltools as ct
+
+    compiled = compile_directory(demo_dir, tmp_path / "compiled")
+    m = ane_eval.load_model(compiled, backend="auto")
+    assert m.backend == "coreml" and mac.compiles == []
+    chunks = [f"llama_FFN_PF_chunk_0{i}of02.mlmodelc" for i in (1, 2)]
+    assert sorted(mac.loads) == sorted([(c, fn) for c in chunks for fn in ("infer", "prefill")]
+                                       + [("llama_embeddings.mlmodelc", "main"), ("llama_lm_head.mlmodelc", "main")])
+    ids = m.tokenizer.encode(PROMPT)
+    np.testing.assert_array_equal(_last_logits(m, ids), _last_logits(mil_demo, ids))
+    assert model_info(m.bundle)["files"] == "mlmodelc"
+    # coremltools' CompiledMLModel itself (models/_compiled_model.py): fp16 inputs converted to float32 before the
+    # binding, no input-name check (it has no spec to check against), Float16 outputs back as float32
+    head = ct.models.CompiledMLModel(str(compiled / "llama_lm_head.mlmodelc"), ct.ComputeUnit.CPU_AND_NE)
+    inputs = {"hidden_states": np.zeros((1, 1, 128), np.float16), "not_an_input": np.zeros(1, np.float32)}
+    out = head.predict(inputs)
+    assert inputs["hidden_states"].dtype == np.float32 and out["logits1"].dtype == np.float32
+    with pytest.raises(RuntimeError, match="prefill"):  # CoreML refuses a function the model does not have
+        ct.models.CompiledMLModel(str(compiled / "llama_lm_head.mlmodelc"), ct.ComputeUnit.CPU_AND_NE,
+                                  function_name="prefill")
+
+
 def test_anelm_on_coreml_equals_mil_per_request(mac, demo_dir, mil_demo):
     from lm_eval.api.instance import Instance
 
@@ -113,6 +141,10 @@ def test_anelm_on_coreml_equals_mil_per_request(mac, demo_dir, mil_demo):
     assert coreml.loglikelihood(reqs, disable_tqdm=True) == mil.loglikelihood(reqs, disable_tqdm=True)
     assert coreml.loglikelihood_rolling(rolling, disable_tqdm=True) == mil.loglikelihood_rolling(rolling,
                                                                                                  disable_tqdm=True)
+    generate = [Instance("generate_until", {}, (q, {"until": ["\n"], "max_gen_toks": 16}), i)
+                for i, q in enumerate(["Question: What is 3 plus 4?\nAnswer:", "Kosdak lives in"])]
+    answers = coreml.generate_until(generate, disable_tqdm=True)
+    assert answers == mil.generate_until(generate, disable_tqdm=True) and any(answers)
 
 
 def test_contract_knows_the_coreml_boundary(mac, demo_dir):

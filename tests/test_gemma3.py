@@ -1,13 +1,10 @@
 """Gemma 3 in ANEMLL 0.3.5's layout: the builder's programs (local/global or unified KV cache, rotate functions,
 split-rotate files, update_mask prefill) match HF transformers on prompts longer than the sliding window, and
-ANEModel drives them by 0.3.5's protocol (zkh2016/Anemll@4e77d00 tests/chat.py)."""
+ANEModel drives them by 0.3.5's protocol (zkh2016/Anemll@4e77d00 tests/chat.py). The same builds through
+`pytest evals` (contract and demo tasks, portable runtime and emulated Mac): tests/test_layouts_evals.py."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,28 +14,9 @@ import ane_eval
 from ane_eval.convert import BuildError, BuildOptions, build
 from ane_eval.convert.checkpoint import CheckpointError
 
-from .conftest import hf_logits, psnr, write_gemma3_checkpoint
+from .conftest import GEMMA_B, GEMMA_C, GEMMA_SW, GEMMA_VARIANTS, hf_logits, psnr, write_gemma3_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
-SW, C, B = 16, 64, 8  # sliding window < context, so the rotate functions run; B divides the window
-VARIANTS = {
-    "split": {"num_chunks": 2},  # chunk 2 has no full-attention layer: it only touches the global cache
-    "unified": {"single_cache": True},
-    "split_rotate": {"split_rotate": True, "update_mask_prefill": True},
-}
-
-
-@pytest.fixture(scope="session")
-def gemma_ckpt(tmp_path_factory):
-    return write_gemma3_checkpoint(tmp_path_factory.mktemp("gemma3") / "ckpt", sliding_window=SW)
-
-
-@pytest.fixture(scope="session")
-def gemma_builds(gemma_ckpt, tmp_path_factory):
-    root = tmp_path_factory.mktemp("gemma3_builds")
-    return {name: build(gemma_ckpt, root / name, BuildOptions(context_length=C, batch_size=B,
-                                                              allow_small_context=True, **opts))
-            for name, opts in VARIANTS.items()}
+SW, C, B, VARIANTS = GEMMA_SW, GEMMA_C, GEMMA_B, GEMMA_VARIANTS
 
 
 @pytest.fixture(scope="session")
@@ -133,6 +111,23 @@ def test_rewind_after_rotation_replays_the_prefix(gemma_builds):
     np.testing.assert_array_equal(rewound, model.infer(ids[22], 22))
 
 
+def test_inspect_shows_the_local_and_global_caches(gemma_builds):
+    """`ane-eval inspect`: which cache holds which layers, how many positions, and that the local one rotates."""
+    from ane_eval.card import format_card, model_card
+
+    cards = {name: model_card(gemma_builds[name]) for name in ("split", "unified", "split_rotate")}
+    caches = {name: {c["name"]: (c["kind"], c["layers"], c["positions"], c["rotates"])
+                     for c in card["layout"]["kv_caches"]} for name, card in cards.items()}
+    split = {"model_model_kv_cache_local": ("local", 3, SW, True), "model_model_kv_cache_global": ("global", 1, C, False)}
+    assert caches == {"split": split, "split_rotate": split,
+                      "unified": {"model_model_kv_cache_0": ("unified", 4, C, False)}}
+    text = format_card(cards["split"])
+    assert (f"model_model_kv_cache_local (6, 2, {SW}, 16): local (sliding-window layers), layers 3, positions {SW}, "
+            f"shifted past the window of {SW} by infer_rotate / prefill_rotate") in text
+    assert f"model_model_kv_cache_global (2, 2, {C}, 16): global (full-attention layers), layers 1, positions {C}" in text
+    assert "LM head: logits" in text
+
+
 @pytest.mark.parametrize("opts, message", [
     ({"context_length": 64, "batch_size": 8}, "context length 64 is below 256"),
     ({"context_length": 64, "batch_size": 12, "allow_small_context": True}, "prefill batch 12 must divide the "
@@ -149,28 +144,3 @@ def test_softcapping_is_refused(tmp_path):
     ckpt = write_gemma3_checkpoint(tmp_path / "ckpt", final_logit_softcapping=30.0)
     with pytest.raises(CheckpointError, match="final_logit_softcapping=30.0 is not supported"):
         build(ckpt, tmp_path / "out", BuildOptions(context_length=64, batch_size=8, allow_small_context=True))
-
-
-def suite(*args):
-    return subprocess.run([sys.executable, "-m", "pytest", "evals", "-p", "no:cacheprovider", "-q", *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
-
-
-def test_evals_contract_passes(gemma_builds):
-    proc = suite("--model-dir", gemma_builds["split_rotate"], "-k", "contract", "-vv")  # -q -vv: one line per test
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    # the rotate functions (from the _rot file) and the update_mask input are part of the expected contract
-    assert "chunk01-infer_rotate-states-model_model_kv_cache_local] PASSED" in proc.stdout
-    assert "chunk01-prefill-inputs-update_mask] PASSED" in proc.stdout
-
-
-def test_evals_demo_tasks_run(gemma_builds, tmp_path):
-    """A random model cannot score: this checks a generation and a loglikelihood task execute end to end."""
-    s = tmp_path / "suite.yaml"
-    s.write_text("tasks:\n  - name: demo_qa\n  - name: demo_boolq\n")
-    proc = suite("--model-dir", gemma_builds["split"], "--suite", s, "--limit", 3, "--output-dir", tmp_path / "out",
-                 "-k", "test_task")
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "2 passed" in proc.stdout
-    assert len(list((tmp_path / "out").rglob("results_*.json"))) == 2

@@ -21,23 +21,17 @@ from ane_eval.contract import ContractError
 from ane_eval.harness import ANELM, NoDistributionError
 from ane_eval.model import NoLogitsError
 
-from .conftest import hf_logits, psnr, write_checkpoint
+from .conftest import QWEN_VOCAB, hf_logits, psnr
 from .test_user_tasks import README
 from .test_convert import features, spec_of
 
-VOCAB, SPLIT = 1030, 16  # Qwen's 16-way split of 1030 ids is uneven (65 x 6, 64 x 10): offsets must be cumulative
+VOCAB, SPLIT = QWEN_VOCAB, 16
 WIDTHS = [65] * 6 + [64] * 10
-LAYOUTS = {"reference": {}, "argmax": {"argmax": True}, "monolithic": {"monolithic": True},
-           "monolithic_argmax": {"monolithic": True, "argmax": True}}
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("layouts")
-    ckpt = write_checkpoint(root / "ckpt", model_type="qwen2", vocab=VOCAB, bias=True, seed=3)
-    dirs = {name: build(ckpt, root / name, BuildOptions(context_length=64, batch_size=16, num_chunks=2, **kw))
-            for name, kw in LAYOUTS.items()}
-    return ckpt, dirs
+def built(layouts_035):
+    return layouts_035
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +226,8 @@ def test_inspect_names_the_head(built):
         assert card["consistency"]["ok"], card["consistency"]
         assert card["layout"]["head"] == head
         assert f"LM head: {head} (" in format_card(card)
+        assert [(c["name"], c["kind"], c["layers"], c["positions"]) for c in card["layout"]["kv_caches"]] == \
+            [("model_model_kv_cache_0", "whole model", 2, 64)]
     card = model_card(dirs["monolithic_argmax"])
     assert card["layout"]["model_type"] == "monolithic" and [p["role"] for p in card["parts"]] == ["monolithic"]
 
