@@ -273,7 +273,7 @@ def test_a_fall_exactly_at_the_allowed_bound_passes():
 def test_filter_names_may_contain_commas():
     """lm-eval's keys are f"{metric},{filter}"; only the first comma separates them."""
     base = record({"word_perplexity,my,filter": (2.0, None), "acc,a,b": (0.9, 0.0)})
-    now = record({"word_perplexity,my,filter": (2.1, None), "acc,a,b": (0.5, 0.0)})
+    now = record({"word_perplexity,my,filter": (2.1, None), "acc,a,b": (0.5, 0.0)}, items={"0": {"acc": 0.0}})
     assert gate.is_perplexity("word_perplexity,my,filter") and not gate.is_perplexity("acc,word_perplexity,x")
     ppl, acc = gate.evaluate_gate("t", now, {"word_perplexity": 2.05, "acc": 0.6}, base)
     assert ppl.threshold == "<= 2.05" and ppl.verdict == "FAIL threshold + regression"  # lower is better by name
@@ -282,7 +282,8 @@ def test_filter_names_may_contain_commas():
     results = {"results": {"t": {"acc,a,b": 0.5, "acc_stderr,a,b": 0.1}}, "versions": {"t": 1}}
     assert gate.task_record(results, "t")["metrics"] == {"acc,a,b": {"value": 0.5, "stderr": 0.1}}
     gate.against_source([acc], now, {"metrics": {"acc,a,b": {"value": 0.7}}, "items": {"0": {"acc": 1.0}}})
-    assert acc.source == 0.7
+    assert acc.source == 0.7 and acc.notes == ["acc: 1 right in the source, wrong after conversion (docs 0); "
+                                               "0 wrong in the source, right after conversion"]
 
 
 def test_relative_tolerance_per_metric():
@@ -290,6 +291,8 @@ def test_relative_tolerance_per_metric():
     for tol in ({"word_perplexity,none": 0.05}, {"word_perplexity": 0.05}):
         (row,) = gate.evaluate_gate("t", now, None, base, relative_tolerance=tol)
         assert row.allowed == pytest.approx(0.1) and not row.failed
+        assert row.notes == ["word_perplexity: +4.00% relative (allowed rise 5.00%); no per-document samples for a "
+                             "paired test"]
     (row,) = gate.evaluate_gate("t", now, None, base, relative_tolerance={"other": 0.5})
     assert row.allowed == pytest.approx(2.0 * gate.DEFAULT_RELATIVE_TOLERANCE) and row.failed
     (row,) = gate.compare({"t": base}, {"t": now}, relative_tolerance=0.05)
@@ -333,12 +336,13 @@ def test_one_paired_document_falls_back_to_the_relative_tolerance():
 def test_bits_per_byte_band_is_linear_in_the_log_likelihood():
     """bits_per_byte = -sum ll / (bytes ln 2): its standard error is the paired one over ln 2, its band z of them."""
     pairs = {i: (-50.0 - i, 40.0 + i) for i in range(6)}
-    moved = {i: (ll - 0.1 * u + (0.3 if i % 2 else -0.3), u) for i, (ll, u) in pairs.items()}
+    moved = {i: (ll - 0.1 * u + (3.0 if i % 2 else -3.0), u) for i, (ll, u) in pairs.items()}
     base, now = ll_record("bits_per_byte", pairs, 1.8), ll_record("bits_per_byte", moved, 1.85)
     p = gate.paired_loglikelihoods(now, base, "bits_per_byte")
     (row,) = gate.evaluate_gate("t", now, None, base, z=2.5)
     assert row.combined_se == pytest.approx(p.se / math.log(2))
-    assert row.allowed == pytest.approx(max(0.018, 2.5 * p.se / math.log(2)))
+    assert 2.5 * p.se / math.log(2) > 0.018  # the band, not the 1% floor
+    assert row.allowed == pytest.approx(2.5 * p.se / math.log(2))
     assert row.z == pytest.approx(0.05 / (p.se / math.log(2)))
     assert row.notes == [f"bits_per_byte: +2.78% relative (allowed rise {row.allowed / 1.8:.2%}); bits_per_byte: "
                          f"paired over 6 documents, log-likelihood now minus before: {p.r:+.4g} ± {p.se:.4g} per byte, "
@@ -404,6 +408,9 @@ def test_flip_notes_need_items_on_both_sides_and_list_at_most_ten():
     lost_ten = record({"acc,none": (0.0, 0.0)}, items={d: {"acc": 0.0} for d in ten})
     assert verdict(lost_ten, base, "acc,none").notes == [
         "acc: 10 right before, wrong now (docs 0, 1, 2, 3, 4, 5, 6, 7, 8, 9); 0 wrong before, right now"]
+    eleven = record({"acc,none": (1.0, 0.0)}, items={str(d): {"acc": 1.0} for d in range(11)})
+    assert verdict(record({"acc,none": (0.0, 0.0)}, items={str(d): {"acc": 0.0} for d in range(11)}), eleven,
+                   "acc,none").notes[0].startswith("acc: 11 right before, wrong now (docs 0, 1, 2, 3, 4, 5, 6, 7, 8, 9…)")
     no_items = record({"acc,none": (0.0, 0.0)})
     assert verdict(no_items, base, "acc,none").notes == []
     assert verdict(lost_ten, record({"acc,none": (1.0, 0.0)}), "acc,none").notes == []
@@ -454,9 +461,9 @@ def test_markdown_table_text_and_summary(tmp_path):
     assert gate.format_table(rows, markdown=True) == table
     assert gate.format_table(rows[1:], markdown=True) == "\n".join(table.splitlines()[:2] + [table.splitlines()[3]])
     model = {"name": "demo", "path": "/m", "fingerprint": FINGERPRINT, "files": 4}
-    path = gate.write_summary(tmp_path / "a" / "b" / "summary.md", rows, model, "mil", ["/x/plot_one.png"])
+    path = gate.write_summary(tmp_path / "a" / "b" / "summary.md", rows, model, "mil", ["/x/plot_one.png", "two.png"])
     assert path.read_text() == (f"# ane-eval summary: FAILED\n\nmodel: `demo` (/m), fingerprint `0123456789ab` (4 "
-                                f"files), backend: mil\n\n{table}\n\n![plot_one](plot_one.png)\n")
+                                f"files), backend: mil\n\n{table}\n\n![plot_one](plot_one.png)\n\n![two](two.png)\n")
     path = gate.write_summary(tmp_path / "a" / "b" / "summary.md", rows[1:], {"name": "x"}, "coreml")
     assert path.read_text().startswith("# ane-eval summary: passed\n\nmodel: `x` (None), fingerprint `None` (? "
                                        "files), backend: coreml\n\n| task |")
