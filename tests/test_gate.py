@@ -256,3 +256,292 @@ def test_records_without_model_or_direction_keys():
     (row,) = gate.evaluate_gate("t", now, None, base)
     assert row.failed  # perplexity rose: lower is better by name
     assert gate.compare({"t": base}, {"t": now})[0].failed
+
+
+# --- mutation-testing survivors (issue 14): boundaries, text of the notes and tables, lm-eval result files -------
+def test_a_fall_exactly_at_the_allowed_bound_passes():
+    """"Regresses when it falls by MORE than the allowed fall": equality passes (0.25 and 0.5 are exact floats)."""
+    base = record({"acc,none": (0.75, 0.0), "word_perplexity,none": (2.0, 0.0)})
+    now = record({"acc,none": (0.5, 0.0), "word_perplexity,none": (2.5, 0.0)})
+    rows = gate.evaluate_gate("t", now, {"acc": 0.1}, base, tolerance=0.25, relative_tolerance=0.25)
+    assert [(r.metric, r.allowed, r.verdict) for r in rows] == [("acc,none", 0.25, "pass"),
+                                                                ("word_perplexity,none", 0.5, "pass")]
+    rows = gate.evaluate_gate("t", now, {"acc": 0.6}, base, tolerance=0.25)  # a threshold failure stays alone
+    assert rows[0].verdict == "FAIL threshold"
+
+
+def test_filter_names_may_contain_commas():
+    """lm-eval's keys are f"{metric},{filter}"; only the first comma separates them."""
+    base = record({"word_perplexity,my,filter": (2.0, None), "acc,a,b": (0.9, 0.0)})
+    now = record({"word_perplexity,my,filter": (2.1, None), "acc,a,b": (0.5, 0.0)}, items={"0": {"acc": 0.0}})
+    assert gate.is_perplexity("word_perplexity,my,filter") and not gate.is_perplexity("acc,word_perplexity,x")
+    ppl, acc = gate.evaluate_gate("t", now, {"word_perplexity": 2.05, "acc": 0.6}, base)
+    assert ppl.threshold == "<= 2.05" and ppl.verdict == "FAIL threshold + regression"  # lower is better by name
+    assert ppl.allowed == pytest.approx(0.02) and ppl.notes[0].startswith("word_perplexity: +5.00% relative")
+    assert acc.threshold == ">= 0.6" and acc.verdict == "FAIL threshold + regression"
+    results = {"results": {"t": {"acc,a,b": 0.5, "acc_stderr,a,b": 0.1}}, "versions": {"t": 1}}
+    assert gate.task_record(results, "t")["metrics"] == {"acc,a,b": {"value": 0.5, "stderr": 0.1}}
+    gate.against_source([acc], now, {"metrics": {"acc,a,b": {"value": 0.7}}, "items": {"0": {"acc": 1.0}}})
+    assert acc.source == 0.7 and acc.notes == ["acc: 1 right in the source, wrong after conversion (docs 0); "
+                                               "0 wrong in the source, right after conversion"]
+
+
+def test_relative_tolerance_per_metric():
+    base, now = record({"word_perplexity,none": (2.0, None)}), record({"word_perplexity,none": (2.08, None)})
+    for tol in ({"word_perplexity,none": 0.05}, {"word_perplexity": 0.05}):
+        (row,) = gate.evaluate_gate("t", now, None, base, relative_tolerance=tol)
+        assert row.allowed == pytest.approx(0.1) and not row.failed
+        assert row.notes == ["word_perplexity: +4.00% relative (allowed rise 5.00%); no per-document samples for a "
+                             "paired test"]
+    (row,) = gate.evaluate_gate("t", now, None, base, relative_tolerance={"other": 0.5})
+    assert row.allowed == pytest.approx(2.0 * gate.DEFAULT_RELATIVE_TOLERANCE) and row.failed
+    (row,) = gate.compare({"t": base}, {"t": now}, relative_tolerance=0.05)
+    assert row.allowed == pytest.approx(0.1) and not row.failed
+
+
+def ll_record(metric, pairs, value, items=None):
+    """A record with per-document (log-likelihood, units) of a perplexity-type metric."""
+    r = record({f"{metric},none": (value, None)}, items=items)
+    r["loglikelihoods"] = {metric: {str(k): list(v) for k, v in pairs.items()}}
+    return r
+
+
+def test_paired_test_needs_shared_documents_on_both_sides():
+    a = {"loglikelihoods": {"word_perplexity": {"0": [-10.0, 5.0], "1": [-12.0, 6.0]}}}
+    assert gate.paired_loglikelihoods(a, {}, "word_perplexity") is None
+    assert gate.paired_loglikelihoods({}, a, "word_perplexity") is None
+    other = {"loglikelihoods": {"word_perplexity": {"7": [-10.0, 5.0]}}}
+    assert gate.paired_loglikelihoods(other, a, "word_perplexity") is None
+    # only the shared documents count; one document: a ratio but no standard error
+    now = {"loglikelihoods": {"word_perplexity": {"1": [-11.0, 6.0], "9": [-1.0, 1.0]}}}
+    p = gate.paired_loglikelihoods(now, a, "word_perplexity")
+    assert (p.n, p.r, p.se) == (1, pytest.approx(1 / 6), None)
+    # units between 0 and 1 are units (loglikelihood tasks log 1 per document; a byte count is never below 1)
+    half = {"loglikelihoods": {"word_perplexity": {"0": [-1.0, 0.25], "1": [-2.0, 0.25]}}}
+    half_now = {"loglikelihoods": {"word_perplexity": {"0": [-0.5, 0.25], "1": [-1.0, 0.25]}}}
+    assert gate.paired_loglikelihoods(half_now, half, "word_perplexity").r == pytest.approx(1.5 / 0.5)
+    zero = {"loglikelihoods": {"word_perplexity": {"0": [-1.0, 0.0]}}}
+    assert gate.paired_loglikelihoods(zero, zero, "word_perplexity") is None
+
+
+def test_one_paired_document_falls_back_to_the_relative_tolerance():
+    base = ll_record("word_perplexity", {0: (-10.0, 5.0)}, 7.389)
+    now = ll_record("word_perplexity", {0: (-10.5, 5.0)}, 8.166)
+    (row,) = gate.evaluate_gate("t", now, None, base)
+    assert row.allowed == pytest.approx(0.07389) and row.combined_se is None and row.z is None and row.failed
+    assert row.notes == ["word_perplexity: +10.52% relative (allowed rise 1.00%); word_perplexity: paired over 1 "
+                         "documents, log-likelihood now minus before: -0.1 per word"]
+
+
+def test_bits_per_byte_band_is_linear_in_the_log_likelihood():
+    """bits_per_byte = -sum ll / (bytes ln 2): its standard error is the paired one over ln 2, its band z of them."""
+    pairs = {i: (-50.0 - i, 40.0 + i) for i in range(6)}
+    moved = {i: (ll - 0.1 * u + (3.0 if i % 2 else -3.0), u) for i, (ll, u) in pairs.items()}
+    base, now = ll_record("bits_per_byte", pairs, 1.8), ll_record("bits_per_byte", moved, 1.85)
+    p = gate.paired_loglikelihoods(now, base, "bits_per_byte")
+    (row,) = gate.evaluate_gate("t", now, None, base, z=2.5)
+    assert row.combined_se == pytest.approx(p.se / math.log(2))
+    assert 2.5 * p.se / math.log(2) > 0.018  # the band, not the 1% floor
+    assert row.allowed == pytest.approx(2.5 * p.se / math.log(2))
+    assert row.z == pytest.approx(0.05 / (p.se / math.log(2)))
+    assert row.notes == [f"bits_per_byte: +2.78% relative (allowed rise {row.allowed / 1.8:.2%}); bits_per_byte: "
+                         f"paired over 6 documents, log-likelihood now minus before: {p.r:+.4g} ± {p.se:.4g} per byte, "
+                         f"z {p.r / p.se:+.2f}"]
+
+
+def test_word_perplexity_band_and_note():
+    pairs = {i: (-20.0 - i, 10.0) for i in range(4)}
+    moved = {0: (-20.5, 10.0), 1: (-21.0, 10.0), 2: (-22.5, 10.0), 3: (-23.4, 10.0)}
+    base, now = ll_record("word_perplexity", pairs, 8.0), ll_record("word_perplexity", moved, 8.4)
+    p = gate.paired_loglikelihoods(now, base, "word_perplexity")
+    (row,) = gate.evaluate_gate("t", now, None, base)
+    assert row.combined_se == pytest.approx(8.0 * p.se) and row.z == pytest.approx(0.4 / (8.0 * p.se))
+    assert row.allowed == pytest.approx(8.0 * math.expm1(1.96 * p.se))
+    assert row.notes == [f"word_perplexity: +5.00% relative (allowed rise {row.allowed / 8.0:.2%}); word_perplexity: "
+                         f"paired over 4 documents, log-likelihood now minus before: {p.r:+.4g} ± {p.se:.4g} per "
+                         f"word, z {p.r / p.se:+.2f}"]
+
+
+@pytest.mark.parametrize("metric, unit", [("word_perplexity", "word"), ("byte_perplexity", "byte"),
+                                          ("bits_per_byte", "byte"), ("perplexity", "doc")])
+def test_paired_note_text(metric, unit):
+    assert gate.Paired(3, -0.25, 0.125).note(metric, "A", "B") == (
+        f"{metric}: paired over 3 documents, log-likelihood B minus A: -0.25 ± 0.125 per {unit}, z -2.00")
+    assert gate.Paired(1, 0.5, None).note(metric, "A", "B") == (
+        f"{metric}: paired over 1 documents, log-likelihood B minus A: +0.5 per {unit}")
+    assert gate.Paired(2, 0.5, 0.0).note(metric, "A", "B").endswith(f"+0.5 ± 0 per {unit}")
+
+
+def test_against_source_for_perplexity_and_rows_without_a_source():
+    pairs = {0: (-10.0, 5.0), 1: (-12.0, 6.0)}
+    converted = ll_record("word_perplexity", {0: (-10.5, 5.0), 1: (-12.0, 6.0)}, 7.5)
+    converted["metrics"] = {"acc,none": {"value": 0.5, "stderr": None}, **converted["metrics"]}
+    source = ll_record("word_perplexity", pairs, 7.0)
+    rows = gate.evaluate_gate("t", converted)
+    rows[1].notes = ["earlier note"]
+    gate.against_source(rows, converted, source)  # acc,none has no source value: skipped, the next row still done
+    assert rows[0].source is None and rows[0].notes == []
+    p = gate.paired_loglikelihoods(converted, source, "word_perplexity")
+    assert rows[1].source == 7.0 and rows[1].source_delta == pytest.approx(0.5)
+    assert rows[1].notes == ["earlier note", p.note("word_perplexity", "source", "converted")]
+    assert rows[1].notes[1].startswith("word_perplexity: paired over 2 documents, log-likelihood converted minus "
+                                       "source: -0.04545 ± ")
+    plain = gate.evaluate_gate("t", converted)
+    gate.against_source(plain, converted, {})  # a source without metrics annotates nothing
+    assert [r.source for r in plain] == [None, None]
+    no_pairs = gate.evaluate_gate("t", converted)
+    gate.against_source(no_pairs, converted, {"metrics": source["metrics"]})  # no samples: no paired note
+    assert no_pairs[1].source == 7.0 and no_pairs[1].notes == []
+
+
+def test_doc_loglikelihoods_shapes():
+    samples = [{"doc_id": 0, "perplexity": 2.5, "word_perplexity": [-3.0, "x"], "bits_per_byte": True},
+               {"doc_id": 1, "word_perplexity": (-4.0, 2), "byte_perplexity": [-1.0, 2.0, 3.0], "acc": 1},
+               {"doc_id": 2, "perplexity": "N/A", "word_perplexity": [-5.0, 3.0]}]
+    assert gate.doc_loglikelihoods(samples) == {"perplexity": {"0": [2.5, 1.0]},
+                                                "word_perplexity": {"1": [-4.0, 2.0], "2": [-5.0, 3.0]}}
+
+
+def test_flip_notes_need_items_on_both_sides_and_list_at_most_ten():
+    ten = {str(d): {"acc": 1.0} for d in range(10)}
+    base = record({"acc,none": (1.0, 0.0)}, items=ten)
+    lost_ten = record({"acc,none": (0.0, 0.0)}, items={d: {"acc": 0.0} for d in ten})
+    assert verdict(lost_ten, base, "acc,none").notes == [
+        "acc: 10 right before, wrong now (docs 0, 1, 2, 3, 4, 5, 6, 7, 8, 9); 0 wrong before, right now"]
+    eleven = record({"acc,none": (1.0, 0.0)}, items={str(d): {"acc": 1.0} for d in range(11)})
+    assert verdict(record({"acc,none": (0.0, 0.0)}, items={str(d): {"acc": 0.0} for d in range(11)}), eleven,
+                   "acc,none").notes[0].startswith("acc: 11 right before, wrong now (docs 0, 1, 2, 3, 4, 5, 6, 7, 8, 9…)")
+    no_items = record({"acc,none": (0.0, 0.0)})
+    assert verdict(no_items, base, "acc,none").notes == []
+    assert verdict(lost_ten, record({"acc,none": (1.0, 0.0)}), "acc,none").notes == []
+    other = record({"acc,none": (0.0, 0.0)}, items={d: {"f1": 0.0} for d in ten})  # acc not per item now
+    assert verdict(other, base, "acc,none").notes == []
+    gained = record({"acc,none": (1.0, 0.0)}, items={"3": {"acc": 1.0}})
+    assert verdict(gained, record({"acc,none": (0.0, 0.0)}, items={"3": {"acc": 0.0}}), "acc,none").notes == [
+        "acc: 0 right before, wrong now; 1 wrong before, right now (docs 3)"]
+
+
+def test_numbers_as_the_table_prints_them():
+    assert [gate._num(v) for v in (None, 0, 2e-5, -4.9e-5, 5e-5, 0.5, 999.99994, 1000, 12345.67)] == [
+        "-", "0.0000", "2.00e-05", "-4.90e-05", "0.0001", "0.5000", "999.9999", "1000.0", "12345.7"]
+    assert gate._num(0.25, "+") == "+0.2500" and gate._num(3e-6, "+") == "+3.00e-06"
+    assert gate.format_value(None, 0.1) == "-" and gate.format_value(0.5) == "0.5000"
+    assert gate.format_value(0.5, 0.0) == "0.5000 ± 0.0000"
+
+
+def _table_rows():
+    base = record({"acc,none": (0.9, 0.03), "f1,none": (0.5, None)}, items={"0": {"acc": 1.0}})
+    now = record({"acc,none": (0.8, 0.04), "f1,none": (0.5, None)}, items={"0": {"acc": 0.0}})
+    return gate.evaluate_gate("t", now, {"acc": 0.85}, base)
+
+
+def test_plain_table_text():
+    assert gate.format_table(_table_rows()) == "\n".join([
+        "task  metric    value ± stderr   threshold  baseline         delta    combined se  z      allowed fall  "
+        "verdict                    ",
+        "----  --------  ---------------  ---------  ---------------  -------  -----------  -----  ------------  "
+        "---------------------------",
+        "t     acc,none  0.8000 ± 0.0400  >= 0.85    0.9000 ± 0.0300  -0.1000  0.0500       -2.00  0.0980        "
+        "FAIL threshold + regression",
+        "t     f1,none   0.5000           -          0.5000           +0.0000  0.0000       -      0.0100        "
+        "pass                       ",
+        "acc: 1 right before, wrong now (docs 0); 0 wrong before, right now"])
+
+
+def test_markdown_table_text_and_summary(tmp_path):
+    rows = _table_rows()
+    header = ("| task | metric | value ± stderr | threshold | baseline | delta | combined se | z | allowed fall | "
+              "verdict |")
+    table = "\n".join([
+        header, "|---|---|---|---|---|---|---|---|---|---|",
+        "| t | acc,none | 0.8000 ± 0.0400 | >= 0.85 | 0.9000 ± 0.0300 | -0.1000 | 0.0500 | -2.00 | 0.0980 | "
+        "FAIL threshold + regression |",
+        "| t | f1,none | 0.5000 | - | 0.5000 | +0.0000 | 0.0000 | - | 0.0100 | pass |",
+        "", "- acc: 1 right before, wrong now (docs 0); 0 wrong before, right now"])
+    assert gate.format_table(rows, markdown=True) == table
+    assert gate.format_table(rows[1:], markdown=True) == "\n".join(table.splitlines()[:2] + [table.splitlines()[3]])
+    model = {"name": "demo", "path": "/m", "fingerprint": FINGERPRINT, "files": 4}
+    path = gate.write_summary(tmp_path / "a" / "b" / "summary.md", rows, model, "mil", ["/x/plot_one.png", "two.png"])
+    assert path.read_text() == (f"# ane-eval summary: FAILED\n\nmodel: `demo` (/m), fingerprint `0123456789ab` (4 "
+                                f"files), backend: mil\n\n{table}\n\n![plot_one](plot_one.png)\n\n![two](two.png)\n")
+    path = gate.write_summary(tmp_path / "a" / "b" / "summary.md", rows[1:], {"name": "x"}, "coreml")
+    assert path.read_text().startswith("# ane-eval summary: passed\n\nmodel: `x` (None), fingerprint `None` (? "
+                                       "files), backend: coreml\n\n| task |")
+
+
+def test_table_with_source_columns():
+    rows = _table_rows()[1:]
+    gate.against_source(rows, {}, {"metrics": {"f1,none": {"value": 0.4}}})
+    lines = gate.format_table(rows, markdown=True).splitlines()
+    assert lines[0].startswith("| task | metric | value ± stderr | source | Δ source | threshold |")
+    assert lines[2] == "| t | f1,none | 0.5000 | 0.4000 | +0.1000 | - | 0.5000 | +0.0000 | 0.0000 | - | 0.0100 | pass |"
+
+
+def test_baseline_file_text_and_nested_directories(tmp_path):
+    records = {"t": record({"acc,none": (0.9, 0.0)})}
+    path = gate.write_baseline(tmp_path / "a" / "b" / "baseline.json", records, {"name": "m"})
+    assert path.read_text() == json.dumps({"format": gate.BASELINE_FORMAT, "model": {"name": "m"},
+                                           "tasks": records}, indent=2) + "\n"
+    gate.write_baseline(path, records, {"name": "m2"})  # overwriting in an existing directory
+    assert gate.load_baseline(path)["model"] == {"name": "m2"}
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"format": gate.BASELINE_FORMAT, "tasks": records}))
+    assert gate.load_records(bare) == (records, {})
+
+
+def _lm_eval_output(d, stamp, tasks, limit=None, model_name="ane", samples=None):
+    """An lm-eval output directory as lm-eval 0.4.13 writes it: results_<stamp>.json (a group row has no config)
+    and samples_<task>_<stamp>.jsonl."""
+    d.mkdir(parents=True, exist_ok=True)
+    doc = {"results": {"grp": {"acc,none": 0.1}, **{t: {"acc,none": v, "acc_stderr,none": 0.05}
+                                                    for t, v in tasks.items()}},
+           "versions": {t: 1 for t in tasks}, "n-shot": {t: 0 for t in tasks},
+           "configs": {t: {} for t in tasks}, "config": {"limit": limit}, "model_name": model_name}
+    (d / f"results_{stamp}.json").write_text(json.dumps(doc))
+    for task, lines in (samples or {}).items():
+        (d / f"samples_{task}_{stamp}.jsonl").write_text("\n".join(json.dumps(s) for s in lines) + "\n\n")
+    return d / f"results_{stamp}.json"
+
+
+def test_records_from_lm_eval_output(tmp_path):
+    out = tmp_path / "out"
+    first = _lm_eval_output(out / "ane", "2024-01-01T00-00-00", {"a": 0.5, "b": 0.6}, limit=40,
+                            samples={"a": [{"doc_id": 0, "acc": 1}, {"doc_id": 1, "acc": 0}]})
+    records, model = gate.load_records(first)
+    assert sorted(records) == ["a", "b"] and model == {"name": "ane", "path": str(first)}
+    assert records["a"]["items"] == {"0": {"acc": 1.0}, "1": {"acc": 0.0}} and "items" not in records["b"]
+    assert records["a"]["limit"] == 40 and records["a"]["metrics"]["acc,none"] == {"value": 0.5, "stderr": 0.05}
+    assert records["a"]["model"] == model and records["a"]["version"] == 1
+    # a directory: every results file found below it, later runs (by file name) override earlier ones
+    _lm_eval_output(out / "ane" / "later", "2024-02-01T00-00-00", {"b": 0.9}, model_name="second")
+    records, model = gate.load_records(out)
+    assert {t: r["metrics"]["acc,none"]["value"] for t, r in records.items()} == {"a": 0.5, "b": 0.9}
+    assert model["name"] == "second" and records["b"]["limit"] is None
+    doc = json.loads(first.read_text())
+    del doc["config"]
+    first.write_text(json.dumps(doc))
+    assert gate.load_records(first)[0]["a"]["limit"] is None
+
+
+def test_unreadable_results_name_the_file(tmp_path):
+    with pytest.raises(gate.GateError, match=rf"^{tmp_path / 'nope'}: no such results file or directory$"):
+        gate.load_records(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(gate.GateError, match=r"empty: no baseline.json or lm-eval results_\*.json inside$"):
+        gate.load_records(tmp_path / "empty")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(gate.GateError, match=rf"^{bad}: not valid JSON \(Expecting"):
+        gate.load_records(bad)
+    for doc in ({"results": {}}, {"versions": {}}, {"results": [], "versions": {}}, [1, 2]):
+        bad.write_text(json.dumps(doc))
+        with pytest.raises(gate.GateError, match=rf"^{bad}: neither an ane-eval baseline nor an lm-eval results file$"):
+            gate.load_records(bad)
+
+
+def test_baseline_without_model_against_a_fingerprinted_run():
+    base = record({"acc,none": (0.9, 0.0)})
+    del base["model"]
+    assert not gate.evaluate_gate("t", record({"acc,none": (0.9, 0.0)}), None, base)[0].failed
+    results = {"results": {"t": {"acc,none": 0.5}}, "versions": {"t": 1}, "higher_is_better": {"u": {"acc": False}}}
+    assert gate.task_record(results, "t")["higher_is_better"] == {}

@@ -43,13 +43,19 @@ def test_one_context_prefill_per_question(model, monkeypatch):
     assert all(len(conts) >= 3 for _, conts in qs)
     model.reset()
     calls = record_prefills(model, monkeypatch)
-    per_question = []
+    per_question, shared = [], []
     for ctx, conts in qs:
         before = len(calls)
+        history = model.history
+        common = next((i for i, (a, b) in enumerate(zip(history, ctx[:-1])) if a != b), min(len(history), len(ctx) - 1))
         lm._loglikelihood_tokens([(None, ctx, cont) for cont in conts], disable_tqdm=True)
         per_question.append(calls[before:])
-        assert all(start + n <= len(ctx) - 1 for start, n in calls[before:]), calls[before:]
+        shared.append(common)
+        # only the new context tokens: from the prefix the cache already holds up to the last context token
+        # (that one goes through infer with the continuations)
+        assert calls[before:] == [(common, len(ctx) - 1 - common)], (calls[before:], common)
     assert [len(c) for c in per_question] == [1] * len(qs), per_question  # measured: exactly 1 each
+    assert all(c > 0 for c in shared[1:])  # "Question:" is shared: every later question starts past 0
     # the naive algorithm pays one prefill per request
     naive = ANELM(model=model, prefix_reuse=False)
     calls.clear()

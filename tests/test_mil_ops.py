@@ -256,6 +256,14 @@ def test_fp16_rounding_overflows_to_inf_and_casts_wrap():
     np.testing.assert_array_equal(to_uint16(np.array([-1, 5], np.int32)), np.array([65535, 5], np.uint16))
     to_int32 = _coercer(TensorType("int32", (2,)), round_fp16=True)
     np.testing.assert_array_equal(to_int32(np.array([2.7, -2.7], np.float32)), np.array([2, -2], np.int32))
+    # float -> int truncates toward zero, then wraps like an integer cast (numpy's float cast does not wrap)
+    np.testing.assert_array_equal(to_int16(np.array([40000.7, -3.5, 7.2], np.float32)),
+                                  np.array([-25536, -3, 7], np.int16))
+    # fp32-type outputs (and fp16 ones in fp32 mode) are float32, whatever dtype the kernel returned
+    for dtype in ("fp32", "fp64", "bf16", "fp16"):
+        out = _coercer(TensorType(dtype, (2,)), round_fp16=dtype != "fp16")(
+            np.array([1.0001, 3.0], np.float64))
+        assert out.dtype == np.float32 and out[0] == np.float32(1.0001), dtype
 
 
 def test_gather_refuses_out_of_bounds_indices():
@@ -290,10 +298,10 @@ def test_fast_fp16_rounding_is_bit_exact(impl):
         gen.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32),  # every bit pattern
         (gen.integers(-2**14, 2**14, 50_000) * 2.0**-25).astype(np.float32),  # ties among fp16 subnormals
         np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 65504, 65519, 65520, -65520, 1e30, 6.1e-5, 6.103515625e-05,
-                  5.96e-8, 2.98e-8, 2.9e-8, 3e-8, 1e-40, -1e-45, 2049, 2051, 4097], np.float32)])
+                  5.96e-8, 2.98e-8, 2.9e-8, 3e-8, 1e-40, -1e-45, 2049, 2051, 4097, 0.5, 1.0], np.float32)])  # 7 | size
     with np.errstate(all="ignore"):  # as the interpreter runs it
         ref = x.astype(np.float16).astype(np.float32)
-        arg = (x.reshape(-1, 7) if x.size % 7 == 0 else x).copy()  # round_in_place overwrites its argument
+        arg = x.reshape(-1, 7).copy()  # 2-D (the kernels' outputs are); round_in_place overwrites its argument
         got = round_to_fp16(arg)
     np.testing.assert_array_equal(got.reshape(-1).view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
     assert np.isnan(got.reshape(-1)[np.isnan(ref)]).all()
@@ -311,3 +319,34 @@ def test_fp16_widening_is_exact():
         assert got.dtype == np.float32 and got.shape == x.shape
         np.testing.assert_array_equal(got.view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
         assert np.isnan(got[np.isnan(ref)]).all()
+
+
+def test_fp16_rounding_of_other_inputs_and_without_torch(monkeypatch):
+    """Inputs are float32 first (a float64 kernel result is rounded as its float32, as the docstring says), every
+    path returns float32, round_in_place falls back for arrays it may not overwrite, and without torch numpy does
+    the same work."""
+    from ane_eval.mil import fp16
+
+    # 1 + 2**-11 + 2**-40: float64 -> fp16 rounds up; float32 first drops 2**-40, leaving a tie that rounds to even
+    v = 1 + 2.0**-11 + 2.0**-40
+    for n in (3, 3000):  # both sides of SMALL
+        x64 = np.full(n, v)
+        for f in (fp16.round_to_fp16, fp16.round_in_place):
+            got = f(x64.copy())
+            assert got.dtype == np.float32 and (got == 1.0).all(), (f.__name__, n)
+    gen = np.random.default_rng(3)
+    x = (gen.standard_normal((60, 50)) * 100).astype(np.float32)
+    ref = x.astype(np.float16).astype(np.float32)
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    for arr in (x[:10, :10].copy(), frozen, np.asfortranarray(x), x[:, ::2]):  # small, read-only, F order, strided
+        want = arr.astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(fp16.round_in_place(arr), want)
+    np.testing.assert_array_equal(frozen, x)  # not overwritten, nor x by its strided view
+    monkeypatch.setattr(fp16, "_torch", lambda: None)
+    np.testing.assert_array_equal(fp16.round_to_fp16(x), ref)
+    np.testing.assert_array_equal(fp16.round_in_place(x.copy()), ref)
+    h = x.astype(np.float16)
+    got = fp16.widen(h)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, ref)
