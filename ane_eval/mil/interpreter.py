@@ -45,7 +45,7 @@ class ExecutionError(RuntimeError):
 
 class ConstStore:
     """Weights of one model package, read once and shared by all its functions (infer and prefill share
-    weights). Values are held in their compute form: float32 for floats."""
+    weights). Values are held in their compute form, float32 for floats, except those asked for as stored."""
 
     def __init__(self):
         self.files: dict = {}
@@ -61,12 +61,13 @@ class ConstStore:
 
     def value(self, v, stored: bool = False):
         """A constant in compute form: inline values converted, stored ones read (once per package). With
-        `stored`, a stored constant as the file holds it (fp16 tables that are only gathered from: the gathered
-        rows are converted, the table is not)."""
+        `stored`, a stored constant as the file holds it (fp16 tables only gathered from, fp16 weights: the
+        interpreter's _fp16_resident)."""
         if isinstance(v, ir.StackedBlobs):
-            key = ("stacked",) + tuple((str(r.path), r.offset) for r in v.parts)
+            key = ("stacked", stored) + tuple((str(r.path), r.offset) for r in v.parts)
             if key not in self.values:  # part by part into one array: no second copy of the parts
-                stacked, row = np.empty(v.type.shape, np.float32), 0
+                dtype = np.float16 if stored and v.type.dtype == "fp16" else np.float32
+                stacked, row = np.empty(v.type.shape, dtype), 0
                 for ref in v.parts:
                     part = self._read(ref, stored=True)
                     stacked[row:row + len(part)] = part  # fp16 -> float32 is exact
@@ -117,19 +118,30 @@ def _small_static(t) -> bool:
     return bool(t.shape) and all(isinstance(d, int) for d in t.shape) and math.prod(t.shape) < SMALL
 
 
-def _gather_tables(operations: list[ir.Op]) -> set[str]:
-    """Stored fp16 constants read only as gather's table (embeddings, RoPE tables): kept in fp16, half the memory
-    of the compute form, since gathering rows and widening them is exact. fp16 mode only: fp32 mode widens
-    everything at load."""
-    stored = {o.outputs[0][0] for o in operations if o.type == "const"
-              and isinstance(o.attributes.get("val"), ir.BlobRef) and o.attributes["val"].type.dtype == "fp16"}
-    tables = set(stored)
+# where an fp16 value may stay fp16 in fp16 mode: gather's table (gathered rows are widened, exactly) and the weight
+# of a projection (conv, linear: gemm.py reads the fp16 weight)
+FP16_RESIDENT_USES = {("gather", "x"), ("conv", "weight"), ("linear", "weight")}
+
+
+def _fp16_resident(operations: list[ir.Op], outputs) -> set[str]:
+    """Constants held in fp16, half the memory of the compute form: stored fp16 constants and decompressed fp16
+    weights (LUT and friends) read only where FP16_RESIDENT_USES allows. fp16 mode only: fp32 mode widens
+    everything at load, so its products are float32 weights times float32 activations."""
+    candidates = {o.outputs[0][0] for o in operations if _fp16_constant(o)}
     for o in operations:
         for key, bindings in o.inputs.items():
             for a in bindings:
-                if a.name in stored and not (o.type == "gather" and key == "x"):
-                    tables.discard(a.name)
-    return tables
+                if a.name in candidates and (o.type, key) not in FP16_RESIDENT_USES:
+                    candidates.discard(a.name)
+    return candidates - set(outputs)
+
+
+def _fp16_constant(o: ir.Op) -> bool:
+    if not o.outputs or not isinstance(o.outputs[0][1], ir.TensorType) or o.outputs[0][1].dtype != "fp16":
+        return False
+    if o.type == "const":
+        return isinstance(o.attributes.get("val"), (ir.BlobRef, ir.StackedBlobs))
+    return o.type in CONSTEXPR
 
 
 def _coercer(t, round_fp16: bool):
@@ -171,7 +183,7 @@ class Plan:
         self.types = {n: t.dtype for n, t in fn.inputs if isinstance(t, ir.TensorType)}
         for o in operations:
             self.types.update({n: t.dtype for n, t in o.outputs if isinstance(t, ir.TensorType)})
-        self.tables = _gather_tables(operations) if self.round_fp16 else set()
+        self.fp16_resident = _fp16_resident(operations, self.outputs) if self.round_fp16 else set()
         with np.errstate(all="ignore"):  # constant folding runs kernels too (see run)
             for o in operations:
                 self._prepare(o, consts)
@@ -182,7 +194,7 @@ class Plan:
         last_use = self._last_uses()
         self._plan_frees(last_use)
         self._segments = self._compile(last_use)
-        del self.known, self.alias, self.types, self.steps, self.tables  # planning only: the code holds the rest
+        del self.known, self.alias, self.types, self.steps, self.fp16_resident  # planning only: the code holds the rest
 
     @staticmethod
     def _check_supported(fn: ir.Function) -> None:
@@ -208,7 +220,7 @@ class Plan:
             args[key] = vals if key in VARIADIC or len(vals) > 1 else vals[0]
         if o.type == "const":
             v = o.attributes.get("val")
-            stored = o.outputs[0][0] in self.tables
+            stored = o.outputs[0][0] in self.fp16_resident
             self.known[o.outputs[0][0]] = consts.value(v, stored)
             return
         # attributes other than the op's name are extra constant arguments (rare outside `const`)
@@ -223,7 +235,7 @@ class Plan:
             args["_round"] = round_in_place
         exact = o.type in VIEW_OPS or (o.type in SELECTING_OPS and self._same_dtype(o, args))
         coercers = [None if exact else _coercer(t, self.round_fp16) for _, t in o.outputs]
-        if o.type == "gather" and o.input_name("x") in self.tables:
+        if o.type == "gather" and o.input_name("x") in self.fp16_resident:
             coercers = [widen]  # rows of an fp16 table: exact in float32
         if o.type in FRESH_OPS or o.type in FUSED_OPS:  # a kernel's own new array: rounded where it lies
             coercers = [round_in_place if c is round_to_fp16 else c for c in coercers]
@@ -242,13 +254,24 @@ class Plan:
         names = [n for n, _ in o.outputs]
         dynamic = any(isinstance(v, _Var) or (isinstance(v, list) and any(isinstance(x, _Var) for x in v))
                       for v in args.values())
+        if o.type in ("conv", "linear") and self._fp16_product(o, args):
+            args["_fp16_values"] = True
         if not dynamic and o.type not in STATE_OPS:
-            fold = lambda: self._run_op(o.type, KERNELS[o.type], args, names, coercers)  # noqa: E731
-            results = consts.fold((o.type, self.round_fp16), args, fold) if o.type in CONSTEXPR else fold()
+            resident = names[0] in self.fp16_resident  # a decompressed weight: its fp16 values kept as float16
+            fold = lambda: [r.astype(np.float16) if resident else r  # noqa: E731
+                            for r in self._run_op(o.type, KERNELS[o.type], args, names, coercers)]
+            results = consts.fold((o.type, self.round_fp16, resident), args, fold) if o.type in CONSTEXPR else fold()
             for n, r in zip(names, results):
                 self.known[n] = r
             return
         self.steps.append(_Step(o.type, KERNELS[o.type], args, names, coercers))
+
+    def _fp16_product(self, o: ir.Op, args: dict) -> bool:
+        """A projection by an fp16-resident weight of fp16 values whose output is rounded to fp16 (fp16 mode): what
+        lets gemm.py compute it in fp16 arithmetic with float32 accumulation."""
+        weight = args.get("weight")
+        return (self.round_fp16 and isinstance(weight, np.ndarray) and weight.dtype == np.float16
+                and self.types.get(o.input_name("x")) == "fp16" and self.types.get(o.outputs[0][0]) == "fp16")
 
     @staticmethod
     def _negates(args: dict) -> bool:
