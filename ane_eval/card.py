@@ -8,7 +8,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from . import contract
+from . import contract, memory
 from .backends import auto_backend, coreml_available
 from .bundle import Bundle, discover, load_tokenizer
 
@@ -48,7 +48,13 @@ def _program_facts(path: Path) -> dict:
                 and o.outputs[0][0] not in consumed_by_constexpr))
             if is_weight:
                 t = o.outputs[0][1]
-                key = (o.type, o.outputs[0][0]) if o.type != "const" else str(o.attributes["val"].offset)
+                # the same weight in several functions: one stored blob (a decompression: the blobs it reads)
+                refs = [a.value for args in o.inputs.values() for a in args if isinstance(a.value, ir.BlobRef)]
+                refs += [produced[a.name].attributes.get("val") for args in o.inputs.values() for a in args
+                         if a.name in produced and produced[a.name].type == "const"]
+                refs = sorted(str(r.offset) for r in refs if isinstance(r, ir.BlobRef))
+                key = str(o.attributes["val"].offset) if o.type == "const" else (o.type, *refs) if refs else \
+                    (o.type, o.outputs[0][0])
                 params[key] = math.prod(d or 0 for d in t.shape)
     return {"ops": ops, "lut_bits": sorted(bits), "parameters": sum(params.values())}
 
@@ -82,6 +88,12 @@ def model_card(model_dir) -> dict:
         card["parts"].append(entry)
     card["parameters"] = sum(p.get("parameters", 0) for p in card["parts"])
     card["size_bytes"] = sum(p["size_bytes"] for p in card["parts"])
+    resident = {precision: memory.model_resident_bytes(bundle, described, precision) for precision in ("fp16", "fp32")}
+    for entry, role in zip(card["parts"], contract.part_paths(bundle)):
+        entry["resident_bytes"] = {precision: r[role] for precision, r in resident.items()}
+    card["resident_bytes"] = {precision: {"weights": r["total"] - r["state"], "state": r["state"], "total": r["total"]}
+                              for precision, r in resident.items()}
+    card["available_bytes"] = memory.available_bytes()
     try:
         tokenizer_size = len(load_tokenizer(bundle))
         card["tokenizer_size"] = tokenizer_size
@@ -163,12 +175,20 @@ def format_card(card: dict) -> str:
     if lay["kv_caches"]:
         lines.append("KV cache: " + "; ".join(_format_cache(c, lay["sliding_window"]) for c in lay["kv_caches"]))
     lines.append(f"parameters: {card['parameters']:,}   size on disk: {card['size_bytes'] / 2**20:.1f} MiB")
+    r16, r32 = card["resident_bytes"]["fp16"], card["resident_bytes"]["fp32"]
+    available = card["available_bytes"]
+    lines.append(f"resident in the portable runtime: {r16['total'] / 2**20:.1f} MiB in fp16 mode (weights "
+                 f"{r16['weights'] / 2**20:.1f} + KV cache {r16['state'] / 2**20:.1f}; "
+                 f"{r16['weights'] / max(card['parameters'], 1):.2f} bytes per parameter), "
+                 f"{r32['total'] / 2**20:.1f} MiB in fp32 mode; available here: "
+                 + (f"{available / 2**20:.0f} MiB" if available is not None else "unknown"))
     if card["meta"]:
         lines.append("meta.yaml: " + ", ".join(f"{k}={v}" for k, v in card["meta"].items()))
     for p in card["parts"]:
         lut = f"LUT {'/'.join(map(str, p['lut_bits']))}-bit" if p.get("lut_bits") else "fp16 (no LUT)"
         lines.append(f"\n[{p['role']}] {p['file']}  {p['size_bytes'] / 2**20:.2f} MiB  {lut}  "
-                     f"{p.get('parameters', 0):,} params")
+                     f"{p.get('parameters', 0):,} params  resident {p['resident_bytes']['fp16'] / 2**20:.2f} MiB "
+                     "(fp16 mode)")
         if p.get("metadata"):
             lines.append("  metadata: " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in p["metadata"].items()))
         for fname, io in p.get("functions", {}).items():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import contract
+from . import contract, memory
 from .backends import select
 from .bundle import discover, load_tokenizer
 from .contract import ContractError
@@ -63,6 +63,9 @@ class ANEModel:
         self.tokenizer = load_tokenizer(self.bundle)
         b = self.bundle
         self.parts = contract.describe_parts(b)
+        if self.backend == "mil":  # what the portable runtime will hold: refused at once when it cannot fit
+            self.resident_bytes = memory.model_resident_bytes(b, self.parts, precision)
+            memory.check_fits(self.resident_bytes["total"], f"{b.root} ({precision}, portable runtime)")
         self.monolithic = b.monolithic is not None
         # the parts with infer/prefill functions sharing the state
         self.chunk_parts = [self.parts[contract.MONOLITHIC]] if self.monolithic else contract.chunks_of(self.parts)

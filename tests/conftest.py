@@ -41,15 +41,15 @@ def psnr(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def write_checkpoint(path: Path, *, model_type="llama", layers=2, hidden=64, heads=4, kv_heads=2, inter=96,
-                     vocab=1024, tie=False, seed=0, bias=False, qk_norm=False) -> Path:
+                     vocab=1024, tie=False, seed=0, bias=False, qk_norm=False, scale=0.08) -> Path:
     """A random HF checkpoint written with numpy only; weights are exactly representable in fp16."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(seed)
     d = hidden // heads
 
-    def w(*shape, scale=0.08):
-        return (rng.standard_normal(shape) * scale).astype(np.float16).astype(np.float32)
+    def w(*shape, scale=scale):  # held as fp16: a 1B-parameter checkpoint is written in half the memory
+        return (rng.standard_normal(shape) * scale).astype(np.float16)
 
     t = {"model.embed_tokens.weight": w(vocab, hidden, scale=0.5), "model.norm.weight": 1 + w(hidden)}
     for i in range(layers):
@@ -70,7 +70,7 @@ def write_checkpoint(path: Path, *, model_type="llama", layers=2, hidden=64, hea
     if not tie:
         t["lm_head.weight"] = w(vocab, hidden, scale=0.3)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.astype(np.float16) for k, v in t.items()}, str(path / "model.safetensors"))
+    save_file(t, str(path / "model.safetensors"))
     config = {"model_type": model_type, "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                                             "qwen3": "Qwen3ForCausalLM"}[model_type]],
               "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,

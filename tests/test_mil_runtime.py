@@ -445,33 +445,48 @@ def test_only_plain_sibling_projections_are_stacked():
 
 
 def test_fp16_storage_changes_nothing(demo_dir, monkeypatch, tmp_path):
-    """fp16 mode keeps the KV state and the tables only gathered from (embeddings, RoPE) in fp16, half the memory
-    of float32 storage, with bit-identical logits."""
-    from ane_eval.mil import interpreter
+    """fp16 mode keeps the KV state, the tables only gathered from (embeddings, RoPE) and the projections' weights
+    in fp16, half the memory of float32 storage. With the blocked float32 products (gemm.py) the logits are
+    bit-identical to float32 storage; torch's fp16 GEMV for decode steps sums in another float32 order, each
+    projection at most one fp16 ulp apart (tests/test_mil_ops.py), the logits within a few ulps."""
+    from ane_eval.mil import gemm, interpreter
 
     package = shutil.copytree(next(demo_dir.glob("*_embeddings.mlpackage")), tmp_path / "emb.mlpackage")
     emb = mil.load(package)  # a package no other test has loaded (loaded packages share their weights)
     table = [v for v in emb._package.consts.values.values() if getattr(v, "shape", None) == (1024, 128)]
     assert [t.dtype for t in table] == [np.float16]
-    chunk = next(demo_dir.glob("*_chunk_01of02.mlpackage"))
-    assert mil.load(chunk, "infer").make_state().buffers["model_model_kv_cache_0"].value.dtype == np.float16
-    assert mil.load(chunk, "infer", precision="fp32").make_state().buffers["model_model_kv_cache_0"].value.dtype \
-        == np.float32
+    chunk = shutil.copytree(next(demo_dir.glob("*_chunk_01of02.mlpackage")), tmp_path / "chunk.mlpackage")
+    infer = mil.load(chunk, "infer")
+    weights = [v for v in infer._package.consts.values.values() if getattr(v, "ndim", 0) == 4]
+    assert weights and {w.dtype for w in weights} == {np.dtype(np.float16)}  # every projection's weight
+    assert infer.make_state().buffers["model_model_kv_cache_0"].value.dtype == np.float16
+    fp32 = mil.load(chunk, "infer", precision="fp32")
+    assert fp32.make_state().buffers["model_model_kv_cache_0"].value.dtype == np.float32
+    assert {v.dtype for v in fp32._package.consts.values.values() if getattr(v, "ndim", 0) == 4} >= \
+        {np.dtype(np.float32)}  # fp32 mode: float32 weights of its own
 
     def logits():
         m = ane_eval.load_model(demo_dir, backend="mil", precision="fp16")
         m.prefill(list(range(5, 45)))
         return np.stack([m.infer(t, p) for p, t in zip(range(40, 48), range(50, 58))])
 
+    fast = logits()
+    monkeypatch.setattr(gemm, "FAST_GEMV", False)
     compact = logits()
-    monkeypatch.setattr(interpreter, "_gather_tables", lambda operations: set())
+    monkeypatch.setattr(interpreter, "_fp16_resident", lambda operations, outputs: set())
     monkeypatch.setattr(mil, "_storage", lambda dtype, precision: np.float32)
-    np.testing.assert_array_equal(logits(), compact)
+    wide = logits()
+    np.testing.assert_array_equal(compact, wide)
+    assert not np.array_equal(fast, wide)  # the fast path ran
+    assert psnr(wide, fast) >= 50 and (fast.argmax(-1) == wide.argmax(-1)).all()
 
 
 def test_without_torch_the_numbers_are_the_same(demo_dir, monkeypatch):
-    """fp16 conversions go through torch when it loads and through numpy otherwise: the same bits either way."""
-    from ane_eval.mil import fp16
+    """fp16 conversions go through torch when it loads and through numpy otherwise: the same bits either way
+    (products with the blocked float32 path both times: without torch there is no fp16 GEMV)."""
+    from ane_eval.mil import fp16, gemm
+
+    monkeypatch.setattr(gemm, "FAST_GEMV", False)
 
     def logits():
         m = ane_eval.load_model(demo_dir, backend="mil", precision="fp16")
@@ -530,3 +545,20 @@ def test_fp16_mode_rounds_every_op_output_bit_for_bit(tmp_path, n):
     np.testing.assert_array_equal(np.asarray(got, np.float32).view(np.uint32), f(want).view(np.uint32))
     fp32 = mil.load(path, precision="fp32").predict({"x": x, "y": y})["out"]
     assert (np.asarray(fp32, np.float32) != f(want)).mean() > 0.2  # fp32 mode does not round: the test can tell
+
+
+def test_lut_weights_are_decompressed_once_and_held_in_fp16(tmp_path):
+    """A palettized chunk's infer and prefill share each decompressed weight, held as fp16; the LUT indices and
+    tables are read for the decompression and not held after it (fp32 mode: one float32 copy of its own)."""
+    chunk = shutil.copytree(next(demo.model_dir(lut=4).glob("*_chunk_01of02.mlpackage")), tmp_path / "c.mlpackage")
+    infer = mil.load(chunk, "infer")
+    held = dict(infer._package.consts.values)
+    dense = [v for v in held.values() if isinstance(v, list) and v[0].ndim >= 2]  # conv and linear weights
+    assert dense and all(v[0].dtype == np.float16 for v in dense)
+    assert not [v for v in held.values() if getattr(v, "dtype", None) == np.uint8]  # no indices held
+    mil.load(chunk, "prefill")
+    assert len(infer._package.consts.values) == len(held)  # prefill added nothing: all shared
+    mil.load(chunk, "infer", precision="fp32")
+    wide = [v for k, v in infer._package.consts.values.items() if k not in held and isinstance(v, list)
+            and v[0].ndim >= 2]
+    assert len(wide) == len(dense) and all(v[0].dtype == np.float32 for v in wide)

@@ -55,22 +55,39 @@ class BlobFile:
         return BlobError(f"{self.path}: blob at offset {offset}: {what}; the weight file is truncated or corrupt: "
                          "re-export or re-download the model")
 
-    def read(self, offset: int, dtype: str, shape: tuple) -> np.ndarray:
+    def _record(self, fh, offset: int) -> tuple[int, int, int]:
+        """(blob dtype, size in bytes, data offset) of the record at `offset`, checked against the file."""
         if offset < 64 or offset % 64 or offset + RECORD.size > self.size:
             raise self._fail(offset, f"record offset outside the file ({self.size} bytes) or not 64-byte aligned")
+        fh.seek(offset)
+        sentinel, blob_dtype, nbytes, data_offset, _padding = RECORD.unpack(fh.read(RECORD.size))
+        if sentinel != SENTINEL:
+            raise self._fail(offset, f"bad sentinel 0x{sentinel:08X} (expected 0xDEADBEEF)")
+        if blob_dtype not in BLOB_DTYPES:
+            raise self._fail(offset, f"unknown blob data type {blob_dtype}")
+        if data_offset < offset + RECORD.size or data_offset + nbytes > self.size:
+            raise self._fail(offset, f"data of {nbytes} bytes at {data_offset} does not hold its values inside the "
+                                     f"file ({self.size} bytes)")
+        return blob_dtype, nbytes, data_offset
+
+    def records(self):
+        """(blob dtype name, element count) of every blob in the file, from the records alone (no data read)."""
+        offset = 64
         with open(self.path, "rb") as fh:
-            fh.seek(offset)
-            sentinel, blob_dtype, nbytes, data_offset, _padding = RECORD.unpack(fh.read(RECORD.size))
-            if sentinel != SENTINEL:
-                raise self._fail(offset, f"bad sentinel 0x{sentinel:08X} (expected 0xDEADBEEF)")
-            if blob_dtype not in BLOB_DTYPES:
-                raise self._fail(offset, f"unknown blob data type {blob_dtype}")
+            for _ in range(self.count):
+                blob_dtype, nbytes, data_offset = self._record(fh, offset)
+                yield COMPATIBLE[blob_dtype], nbytes * 8 // BLOB_DTYPES[blob_dtype][1]
+                offset = -(-(data_offset + nbytes) // 64) * 64
+
+    def read(self, offset: int, dtype: str, shape: tuple) -> np.ndarray:
+        with open(self.path, "rb") as fh:
+            blob_dtype, nbytes, data_offset = self._record(fh, offset)
             if COMPATIBLE[blob_dtype] != dtype:
                 raise self._fail(offset, f"holds {COMPATIBLE[blob_dtype]} data but the program declares {dtype}")
             np_dtype, bits = BLOB_DTYPES[blob_dtype]
             count = int(np.prod(shape, dtype=np.int64)) if shape else 1
             need = (count * bits + 7) // 8
-            if nbytes < need or data_offset < offset + RECORD.size or data_offset + nbytes > self.size:
+            if nbytes < need:
                 raise self._fail(offset, f"data of {nbytes} bytes at {data_offset} does not hold {count} "
                                          f"{dtype} values ({need} bytes) inside the file ({self.size} bytes)")
             fh.seek(data_offset)

@@ -7,6 +7,7 @@ Callers run these under np.errstate(all="ignore"), as the interpreter does: over
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -48,20 +49,43 @@ def widen(v) -> np.ndarray:
     return _in_torch(torch, np.ascontiguousarray(v), rounding=False)
 
 
+def widen_into(out: np.ndarray, v: np.ndarray) -> None:
+    """widen(v) written into `out` (float32, v's shape), an existing buffer: no allocation. Callers converting
+    many blocks hold `single_threaded()` around the loop."""
+    torch = _torch()
+    if torch is None or not v.flags.c_contiguous:
+        np.copyto(out, v)
+        return
+    torch.from_numpy(out).copy_(torch.from_numpy(v))
+
+
 def _in_torch(torch, x: np.ndarray, rounding: bool, in_place: bool = False) -> np.ndarray:
-    """x (contiguous) rounded through fp16 (`in_place`: overwriting x), or widened from fp16, by torch. Arrays
-    large enough for torch to convert in parallel are converted on one thread: its OpenMP workers spin after a
-    parallel region and starve numpy's BLAS threads (a prefill ran 8x slower), and conversions are memory-bound
-    anyway."""
-    threads = torch.get_num_threads() if x.size >= SERIAL else 1
+    """x (contiguous) rounded through fp16 (`in_place`: overwriting x), or widened from fp16, by torch; on one
+    thread when it is large enough for torch to go parallel (see single_threaded)."""
+    if x.size >= SERIAL:
+        with single_threaded():
+            return _convert(torch, x, rounding, in_place)
+    return _convert(torch, x, rounding, in_place)
+
+
+def _convert(torch, x: np.ndarray, rounding: bool, in_place: bool) -> np.ndarray:
+    t = torch.from_numpy(x)
+    if in_place:
+        t.copy_(t.half())
+        return x
+    return (t.half().float() if rounding else t.float()).numpy()
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """torch on one thread for conversions: its OpenMP workers spin after a parallel region and starve numpy's
+    BLAS threads (a prefill ran 8x slower), and conversions are memory-bound anyway."""
+    torch = _torch()
+    threads = torch.get_num_threads() if torch is not None else 1
     if threads != 1:
         torch.set_num_threads(1)
     try:
-        t = torch.from_numpy(x)
-        if in_place:
-            t.copy_(t.half())
-            return x
-        return (t.half().float() if rounding else t.float()).numpy()
+        yield
     finally:
         if threads != 1:
             torch.set_num_threads(threads)

@@ -45,40 +45,43 @@ class ExecutionError(RuntimeError):
 
 class ConstStore:
     """Weights of one model package, read once and shared by all its functions (infer and prefill share
-    weights). Values are held in their compute form: float32 for floats."""
+    weights). Values are held in their compute form, float32 for floats, except those asked for as stored."""
 
     def __init__(self):
         self.files: dict = {}
         self.values: dict = {}
-        self.owned: dict[int, np.ndarray] = {}  # id -> array, for arrays this store keeps alive
 
-    def _keep(self, key, value):
-        self.values[key] = value
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, np.ndarray):
-                self.owned[id(v)] = v
-        return value
-
-    def value(self, v, stored: bool = False):
-        """A constant in compute form: inline values converted, stored ones read (once per package). With
-        `stored`, a stored constant as the file holds it (fp16 tables that are only gathered from: the gathered
-        rows are converted, the table is not)."""
+    @staticmethod
+    def source(v) -> tuple | None:
+        """What identifies a stored constant across functions (None for inline values)."""
         if isinstance(v, ir.StackedBlobs):
-            key = ("stacked",) + tuple((str(r.path), r.offset) for r in v.parts)
-            if key not in self.values:  # part by part into one array: no second copy of the parts
-                stacked, row = np.empty(v.type.shape, np.float32), 0
-                for ref in v.parts:
-                    part = self._read(ref, stored=True)
-                    stacked[row:row + len(part)] = part  # fp16 -> float32 is exact
-                    row += len(part)
-                self._keep(key, stacked)
-            return self.values[key]
-        if not isinstance(v, ir.BlobRef):
+            return ("stacked",) + tuple((str(r.path), r.offset) for r in v.parts)
+        if isinstance(v, ir.BlobRef):
+            return ("blob", str(v.path), v.offset)
+        return None
+
+    def value(self, v, stored: bool = False, keep: bool = True):
+        """A constant in compute form: inline values converted, stored ones read (once per package). With
+        `stored`, a stored constant as the file holds it (fp16 tables only gathered from, fp16 weights: the
+        interpreter's _fp16_resident). Without `keep`, read and not held (the inputs of a decompression, whose
+        result is what is held)."""
+        source = self.source(v)
+        if source is None:
             return compute_form(v)
-        key = ("blob", str(v.path), v.offset, stored)
-        if key not in self.values:
-            self._keep(key, self._read(v, stored))
-        return self.values[key]
+        key = source + (stored,)
+        if key in self.values:
+            return self.values[key]
+        if isinstance(v, ir.StackedBlobs):  # part by part into one array: no second copy of the parts
+            value, row = np.empty(v.type.shape, np.float16 if stored and v.type.dtype == "fp16" else np.float32), 0
+            for ref in v.parts:
+                part = self._read(ref, stored=True)
+                value[row:row + len(part)] = part  # fp16 -> float32 is exact
+                row += len(part)
+        else:
+            value = self._read(v, stored)
+        if keep:
+            self.values[key] = value
+        return value
 
     def _read(self, ref: ir.BlobRef, stored: bool) -> np.ndarray:
         if ref.path not in self.files:
@@ -86,16 +89,13 @@ class ConstStore:
         value = self.files[ref.path].read(ref.offset, ref.type.dtype, ref.type.shape)
         return value if stored else compute_form(value)
 
-    def fold(self, op_type, args: dict, compute):
+    def fold(self, key: tuple | None, compute):
         """Decompress once per package: infer and prefill share the dequantized weights when their inputs are
-        the same stored blobs (identity is only trusted for arrays this store keeps alive)."""
-        arrays = [v for v in args.values() if isinstance(v, np.ndarray) and v.ndim > 0]
-        if not arrays or any(id(v) not in self.owned for v in arrays):
+        the same stored blobs (`key`: the interpreter's _fold_key; None: not shareable, computed)."""
+        if key is None:
             return compute()
-        key = (op_type,) + tuple(sorted((k, id(v) if isinstance(v, np.ndarray) and v.ndim > 0 else repr(v))
-                                        for k, v in args.items()))
         if key not in self.values:
-            self._keep(key, compute())
+            self.values[key] = compute()
         return self.values[key]
 
 
@@ -117,19 +117,43 @@ def _small_static(t) -> bool:
     return bool(t.shape) and all(isinstance(d, int) for d in t.shape) and math.prod(t.shape) < SMALL
 
 
-def _gather_tables(operations: list[ir.Op]) -> set[str]:
-    """Stored fp16 constants read only as gather's table (embeddings, RoPE tables): kept in fp16, half the memory
-    of the compute form, since gathering rows and widening them is exact. fp16 mode only: fp32 mode widens
-    everything at load."""
-    stored = {o.outputs[0][0] for o in operations if o.type == "const"
-              and isinstance(o.attributes.get("val"), ir.BlobRef) and o.attributes["val"].type.dtype == "fp16"}
-    tables = set(stored)
+# where an fp16 value may stay fp16 in fp16 mode: gather's table (gathered rows are widened, exactly) and the weight
+# of a projection (conv, linear: gemm.py reads the fp16 weight)
+FP16_RESIDENT_USES = {("gather", "x"), ("conv", "weight"), ("linear", "weight")}
+
+
+def _fp16_resident(operations: list[ir.Op], outputs) -> set[str]:
+    """Constants held in fp16, half the memory of the compute form: stored fp16 constants and decompressed fp16
+    weights (LUT and friends) read only where FP16_RESIDENT_USES allows. fp16 mode only: fp32 mode widens
+    everything at load, so its products are float32 weights times float32 activations."""
+    return _read_only_by(operations, outputs, {o.outputs[0][0] for o in operations if _fp16_constant(o)},
+                         lambda op_type, key: (op_type, key) in FP16_RESIDENT_USES)
+
+
+def _decompression_inputs(operations: list[ir.Op], outputs) -> set[str]:
+    """Stored constants read only by decompressions (a LUT's indices and table): read for it, not held after."""
+    stored = {o.outputs[0][0] for o in operations if o.type == "const" and ConstStore.source(o.attributes.get("val"))}
+    return _read_only_by(operations, outputs, stored, lambda op_type, key: op_type in CONSTEXPR)
+
+
+def _read_only_by(operations: list[ir.Op], outputs, names: set[str], allowed) -> set[str]:
+    """The values among `names` that every reader reads through an allowed (op type, input) and no block output
+    returns."""
+    names = set(names) - set(outputs)
     for o in operations:
         for key, bindings in o.inputs.items():
             for a in bindings:
-                if a.name in stored and not (o.type == "gather" and key == "x"):
-                    tables.discard(a.name)
-    return tables
+                if a.name in names and not allowed(o.type, key):
+                    names.discard(a.name)
+    return names
+
+
+def _fp16_constant(o: ir.Op) -> bool:
+    if not o.outputs or not isinstance(o.outputs[0][1], ir.TensorType) or o.outputs[0][1].dtype != "fp16":
+        return False
+    if o.type == "const":
+        return isinstance(o.attributes.get("val"), (ir.BlobRef, ir.StackedBlobs))
+    return o.type in CONSTEXPR
 
 
 def _coercer(t, round_fp16: bool):
@@ -171,7 +195,9 @@ class Plan:
         self.types = {n: t.dtype for n, t in fn.inputs if isinstance(t, ir.TensorType)}
         for o in operations:
             self.types.update({n: t.dtype for n, t in o.outputs if isinstance(t, ir.TensorType)})
-        self.tables = _gather_tables(operations) if self.round_fp16 else set()
+        self.fp16_resident = _fp16_resident(operations, self.outputs) if self.round_fp16 else set()
+        self.transient = _decompression_inputs(operations, self.outputs)
+        self.sources: dict[str, tuple] = {}  # const value name -> the stored constant it was read from
         with np.errstate(all="ignore"):  # constant folding runs kernels too (see run)
             for o in operations:
                 self._prepare(o, consts)
@@ -182,7 +208,7 @@ class Plan:
         last_use = self._last_uses()
         self._plan_frees(last_use)
         self._segments = self._compile(last_use)
-        del self.known, self.alias, self.types, self.steps, self.tables  # planning only: the code holds the rest
+        del self.known, self.alias, self.types, self.steps, self.fp16_resident, self.transient, self.sources  # planning only: the code holds the rest
 
     @staticmethod
     def _check_supported(fn: ir.Function) -> None:
@@ -192,24 +218,26 @@ class Plan:
             raise UnsupportedOpsError(f"function {fn.name!r} uses ops the portable runtime does not implement: "
                                       f"{listing}")
 
-    def _arg_value(self, arg: ir.Arg, consts: ConstStore):
+    def _arg_value(self, arg: ir.Arg, consts: ConstStore, keep: bool = True):
         if arg.name is not None:
             if arg.name in self.alias:
                 return self.alias[arg.name]
             return self.known.get(arg.name, _Var(arg.name))
-        return consts.value(arg.value)
+        return consts.value(arg.value, keep=keep)
 
     def _prepare(self, o: ir.Op, consts: ConstStore) -> None:
         if o.blocks:
             raise UnsupportedOpsError(f"op {o.type} with nested blocks (control flow) is not supported")
         args = {}
         for key, bindings in o.inputs.items():
-            vals = [self._arg_value(a, consts) for a in bindings]
+            vals = [self._arg_value(a, consts, keep=o.type not in CONSTEXPR) for a in bindings]  # see transient
             args[key] = vals if key in VARIADIC or len(vals) > 1 else vals[0]
         if o.type == "const":
             v = o.attributes.get("val")
-            stored = o.outputs[0][0] in self.tables
-            self.known[o.outputs[0][0]] = consts.value(v, stored)
+            name = o.outputs[0][0]
+            self.known[name] = consts.value(v, name in self.fp16_resident, keep=name not in self.transient)
+            if ConstStore.source(v) is not None:
+                self.sources[name] = ConstStore.source(v)
             return
         # attributes other than the op's name are extra constant arguments (rare outside `const`)
         for key, v in o.attributes.items():
@@ -223,7 +251,7 @@ class Plan:
             args["_round"] = round_in_place
         exact = o.type in VIEW_OPS or (o.type in SELECTING_OPS and self._same_dtype(o, args))
         coercers = [None if exact else _coercer(t, self.round_fp16) for _, t in o.outputs]
-        if o.type == "gather" and o.input_name("x") in self.tables:
+        if o.type == "gather" and o.input_name("x") in self.fp16_resident:
             coercers = [widen]  # rows of an fp16 table: exact in float32
         if o.type in FRESH_OPS or o.type in FUSED_OPS:  # a kernel's own new array: rounded where it lies
             coercers = [round_in_place if c is round_to_fp16 else c for c in coercers]
@@ -242,13 +270,43 @@ class Plan:
         names = [n for n, _ in o.outputs]
         dynamic = any(isinstance(v, _Var) or (isinstance(v, list) and any(isinstance(x, _Var) for x in v))
                       for v in args.values())
+        if o.type in ("conv", "linear") and self._fp16_product(o, args):
+            args["_fp16_values"] = True
         if not dynamic and o.type not in STATE_OPS:
-            fold = lambda: self._run_op(o.type, KERNELS[o.type], args, names, coercers)  # noqa: E731
-            results = consts.fold((o.type, self.round_fp16), args, fold) if o.type in CONSTEXPR else fold()
+            resident = names[0] in self.fp16_resident  # a decompressed weight: its fp16 values kept as float16
+            fold = lambda: [r.astype(np.float16) if resident else r  # noqa: E731
+                            for r in self._run_op(o.type, KERNELS[o.type], args, names, coercers)]
+            results = consts.fold(self._fold_key(o, resident), fold) if o.type in CONSTEXPR else fold()
             for n, r in zip(names, results):
                 self.known[n] = r
             return
         self.steps.append(_Step(o.type, KERNELS[o.type], args, names, coercers))
+
+    def _fold_key(self, o: ir.Op, resident: bool) -> tuple | None:
+        """What a decompression's result depends on: its stored inputs by source, small settings by value; None
+        when an input is neither (a large inline or computed array: not shared)."""
+        parts = []
+        bindings = [(k, a) for k, args in o.inputs.items() for a in args]
+        bindings += [(k, ir.Arg(value=v)) for k, v in o.attributes.items() if k != "name" and k not in o.inputs]
+        for key, a in bindings:
+            if a.name in self.sources:
+                parts.append((key, self.sources[a.name]))
+                continue
+            v = ConstStore.source(a.value) or (a.value if a.name is None else self.known.get(a.name))
+            if isinstance(v, tuple):
+                parts.append((key, v))
+            elif v is None or isinstance(v, _Var) or np.size(v) > 16:
+                return None
+            else:
+                parts.append((key, repr(np.asarray(v).tolist())))
+        return (o.type, self.round_fp16, resident) + tuple(sorted(parts, key=repr))
+
+    def _fp16_product(self, o: ir.Op, args: dict) -> bool:
+        """A projection by an fp16-resident weight of fp16 values whose output is rounded to fp16 (fp16 mode): what
+        lets gemm.py compute it in fp16 arithmetic with float32 accumulation."""
+        weight = args.get("weight")
+        return (self.round_fp16 and isinstance(weight, np.ndarray) and weight.dtype == np.float16
+                and self.types.get(o.input_name("x")) == "fp16" and self.types.get(o.outputs[0][0]) == "fp16")
 
     @staticmethod
     def _negates(args: dict) -> bool:

@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 
+from .gemm import weight_product
 
 KERNELS: dict = {}
 # ops whose outputs may share memory with an input (the interpreter tracks these for in-place state updates)
@@ -324,8 +325,14 @@ def l2_norm(x, epsilon=1e-6):
 
 # --- linear algebra --------------------------------------------------------------------------------------------
 @op("linear")
-def linear(x, weight, bias=None):
-    out = f32(x) @ f32(weight).T
+def linear(x, weight, bias=None, _fp16_values=False):
+    weight = np.asarray(weight)
+    if weight.dtype == np.float16:  # held in its stored precision (gemm.py); `_fp16_values` as there
+        x = f32(x)
+        rows = x.reshape(-1, x.shape[-1])
+        out = weight_product(weight, rows.T, _fp16_values).T.reshape(x.shape[:-1] + (weight.shape[0],))
+    else:
+        out = f32(x) @ f32(weight).T
     return out + f32(bias) if bias is not None else out
 
 
@@ -345,17 +352,22 @@ def einsum(values, equation):
 
 
 @op("conv")
-def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1):
-    x, w = f32(x), f32(weight)
+def conv(x, weight, bias=None, strides=None, pad_type="valid", pad=None, dilations=None, groups=1,
+         _fp16_values=False):
+    x, w = f32(x), np.asarray(weight)
     n_spatial = x.ndim - 2
     if _pointwise(w.shape, tuple(ints(strides or ())), int(groups), str(pad_type)):
         # 1x1 conv (every linear layer of an ANEMLL model): one matmul over the flattened spatial positions
         n, cin = x.shape[:2]
-        if n == 1:  # a plain 2-D GEMM: numpy's batched matmul path is several times slower for one batch
-            out = (w.reshape(-1, cin) @ x.reshape(cin, -1)).reshape((1, -1) + x.shape[2:])
+        if n == 1 and w.dtype == np.float16:  # held in its stored precision (gemm.py); `_fp16_values` as there
+            out = weight_product(w.reshape(-1, cin), x.reshape(cin, -1), _fp16_values)
+            out = out.reshape((1, -1) + x.shape[2:])
+        elif n == 1:  # a plain 2-D GEMM: numpy's batched matmul path is several times slower for one batch
+            out = (f32(w).reshape(-1, cin) @ x.reshape(cin, -1)).reshape((1, -1) + x.shape[2:])
         else:
-            out = np.matmul(w.reshape(-1, cin), x.reshape(n, cin, -1)).reshape((n, -1) + x.shape[2:])
+            out = np.matmul(f32(w).reshape(-1, cin), x.reshape(n, cin, -1)).reshape((n, -1) + x.shape[2:])
     else:
+        w = f32(w)
         k = w.shape[2:]
         strides = ints(strides) if strides is not None else [1] * n_spatial
         dilations = ints(dilations) if dilations is not None else [1] * n_spatial
