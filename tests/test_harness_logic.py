@@ -212,6 +212,8 @@ def test_left_truncation_and_warning(caplog):
         assert lm.truncated == 1 and len(caplog.messages) == 1
         lm._loglikelihood_tokens([(None, ctx, cont), (None, ctx[:-5], [7])], disable_tqdm=True)
     assert lm.truncated == 3
+    lm._score(list(range(2, 18)), [5, 6])  # 16 + 2 tokens: one past max_length + 1, the context alone fits
+    assert lm.truncated == 4
     assert caplog.messages[1] == "ane: 2 request(s) longer than the 16-token context were left-truncated (as HFLM does)"
     with pytest.raises(ValueError, match="a continuation of 17 tokens cannot be scored within the 16-token context"):
         lm._score([0], list(range(2, 19)))
@@ -376,6 +378,7 @@ def test_model_args(caplog):
     ANELM(model=m, device="cpu", max_batch_size=4)
     with caplog.at_level(logging.INFO, logger="ane_eval"):
         ANELM(model=m, batch_size=8)
+        ANELM(model=m)
         for quiet in ("auto", 1, "1", None, "None"):
             ANELM(model=m, batch_size=quiet)
     assert caplog.messages == ["ane: batch_size 8 ignored: an ANE model evaluates requests serially"]
