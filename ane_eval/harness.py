@@ -67,17 +67,20 @@ class PrefixCache:
         self.rows = {p: r for p, r in self.rows.items() if p < length}
 
     def feed(self, inp: list[int], upto: int) -> None:
-        """Make the cache hold inp[:upto]: keep the common prefix, prefill (or infer) the rest."""
+        """Make the cache hold inp[:upto]: keep the common prefix, prefill (or infer) the rest. Rows stay valid as far
+        as the cache agrees with inp, past `upto` too (the choices of a question share the row at their context's
+        last token)."""
         if self.reuse:
             history = self.model.history
             common = 0
-            limit = min(len(history), upto)
+            limit = min(len(history), len(inp))
             while common < limit and history[common] == inp[common]:
                 common += 1
         else:
             self.model.reset()
             common = 0
         self._truncate(common)
+        common = min(common, upto)
         if upto - common <= 0:
             return
         if upto - common < SMALL_PREFILL:

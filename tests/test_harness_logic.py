@@ -6,6 +6,7 @@ prefix, so every score has an independent reference: log-softmax of f(prefix) at
 from __future__ import annotations
 
 import logging
+import math
 import zlib
 
 import numpy as np
@@ -58,7 +59,7 @@ class CausalModel:
         self.calls.append(("prefill", start, len(ids)))
 
     def infer(self, token, pos):
-        assert self.head == "logits" and 0 <= pos <= len(self._history) and pos < self.context_length
+        assert getattr(self, "head", "logits") == "logits" and 0 <= pos <= len(self._history) and pos < self.context_length
         self._history = self._history[:pos] + [int(token)]
         self.calls.append(("infer", pos))
         return logits_of(self._history)
@@ -89,6 +90,11 @@ def test_log_softmax_at():
     row = np.array([1.0, 2.0, 3.0], np.float32)
     assert log_softmax_at(row, 2) == pytest.approx(3.0 - np.log(np.exp(row.astype(np.float64)).sum()))
     assert log_softmax_at(np.array([1000.0, 0.0], np.float32), 1) == pytest.approx(-1000.0)  # no overflow
+    # the normaliser is summed in float64: a float32 sum of 50k terms is off by ~1e-7
+    big = (np.random.default_rng(0).standard_normal(50_000) * 4).astype(np.float32)
+    m = float(big.max())
+    exact = float(big[7]) - (m + math.log(math.fsum(math.exp(float(v) - m) for v in big)))
+    assert abs(log_softmax_at(big, 7) - exact) < 1e-10
 
 
 class Hook:
@@ -132,8 +138,10 @@ def test_requests_run_in_token_order_so_prefixes_are_shared():
     requests = [(None, b, [3]), (None, a, [4]), (None, b, [2]), (None, a, [3])]
     lm._loglikelihood_tokens(requests, disable_tqdm=True)
     prefills = [c for c in m.calls if c[0] == "prefill"]
-    assert prefills == [("prefill", 0, 5), ("prefill", 4, 1)] or prefills == [("prefill", 0, 5)]
-    assert m.count("prefill") + m.count("infer") <= 8
+    # a + [3], a + [4], b + [2], b + [3]: the context of a (but its last token) prefilled once, a's last token
+    # inferred once for both choices, b's two new tokens through infer (fewer than SMALL_PREFILL past the shared
+    # prefix 0 5 6 7, then the scored position), b's row reused for its second choice
+    assert m.calls == [("reset",), ("prefill", 0, 5), ("infer", 5), ("infer", 4), ("infer", 5)]
 
 
 def test_small_prefills_go_through_infer():
@@ -170,8 +178,24 @@ def test_rows_are_kept_for_the_current_prefix_only_and_bounded():
     other = seq[:50] + [3]
     np.testing.assert_array_equal(cache.row(other, 50), logits_of(other))  # a different token at 50
     assert max(cache.rows) == 50  # rows past the rewind are dropped
-    cache.feed(other, 20)
-    assert all(p < 20 for p in cache.rows)  # rows 44..50 were held: gone
+    held = sorted(cache.rows)
+    cache.feed(other, 20)  # the cache agrees with `other` past 20: its rows stay
+    assert sorted(cache.rows) == held and max(held) == 50
+    cache.feed(other[:30] + [9] * 25, 40)  # differs from 30 on: rows past it are gone
+    assert all(p < 30 for p in cache.rows)
+    # a rewind to a shared prefix drops the row at the first differing position too
+    cache = PrefixCache(m)
+    m.reset()
+    seq = [0, 3, 4, 5, 6, 7]
+    cache.feed(seq, 2)
+    for p in (2, 3, 4):
+        cache.row(seq, p)
+    n = m.count("infer")
+    np.testing.assert_array_equal(cache.row(seq, 3), logits_of(seq[:4]))  # cache holds seq[:5]: row 3 reused
+    assert m.count("infer") == n
+    cache.feed(seq[:3] + [9, 9, 9], 5)  # differs at 3
+    assert sorted(cache.rows) == [2] or sorted(cache.rows) == [2, 4]
+    assert 3 not in cache.rows
 
 
 def test_left_truncation_and_warning(caplog):
@@ -183,8 +207,14 @@ def test_left_truncation_and_warning(caplog):
     assert lm.truncated == 1 and got == pytest.approx(reference(ctx, cont, 16))
     assert caplog.messages == ["ane: 1 request(s) longer than the 16-token context were left-truncated (as HFLM does)"]
     exact = list(range(2, 17))  # 15 + 2 = 17 = max_length + 1 tokens: fits, nothing truncated
-    lm._loglikelihood_tokens([(None, exact, cont)], disable_tqdm=True)
-    assert lm.truncated == 1
+    with caplog.at_level(logging.WARNING, logger="ane_eval"):
+        lm._loglikelihood_tokens([(None, exact, cont)], disable_tqdm=True)
+        assert lm.truncated == 1 and len(caplog.messages) == 1
+        lm._loglikelihood_tokens([(None, ctx, cont), (None, ctx[:-5], [7])], disable_tqdm=True)
+    assert lm.truncated == 3
+    lm._score(list(range(2, 18)), [5, 6])  # 16 + 2 tokens: one past max_length + 1, the context alone fits
+    assert lm.truncated == 4
+    assert caplog.messages[1] == "ane: 2 request(s) longer than the 16-token context were left-truncated (as HFLM does)"
     with pytest.raises(ValueError, match="a continuation of 17 tokens cannot be scored within the 16-token context"):
         lm._score([0], list(range(2, 19)))
     lm16 = ANELM(model=m, max_length=8)
@@ -206,6 +236,8 @@ def test_rolling_loglikelihood_scores_every_token_once():
     text = "abcdefghijklmnopqrstuvw"  # 24 tokens with BOS: several windows of 8
     tokens = m.tokenizer.encode(text)
     windows = lm.rolling_windows(tokens)
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # HFLM's windows: context_len=1
+    assert windows == [make_disjoint_window(w) for w in get_rolling_token_windows(tokens, 0, 8, 1)]
     assert sum(len(cont) for _, cont in windows) == len(tokens)
     assert [c for _, cont in windows for c in cont] == tokens
     want = sum(reference(ctx, cont, 8)[0] for ctx, cont in windows)
@@ -213,6 +245,20 @@ def test_rolling_loglikelihood_scores_every_token_once():
     assert got == pytest.approx(want, abs=1e-9)
     assert lm.cache_hook.added == [("loglikelihood_rolling", (text,), got)]
     assert windows[0][0] == [m.tokenizer.bos_token_id]
+
+
+def test_sampling_follows_the_softmax_and_the_seed():
+    lm = ANELM.__new__(ANELM)  # _pick needs only the generator
+    lm._rng = np.random.default_rng(0)
+    row = np.array([0.0, np.log(3.0), -np.inf, -1e4], np.float32)
+    draws = np.array([lm._pick(row, True, 1.0) for _ in range(4000)])
+    assert set(draws) <= {0, 1}
+    assert abs((draws == 1).mean() - 0.75) < 0.03  # p = 3/4; 4000 draws: se 0.007
+    hot = np.array([lm._pick(np.array([0, 1, 0, 0], np.float32), True, 100.0) for _ in range(4000)])
+    assert abs((hot == 1).mean() - 0.25) < 0.03  # a high temperature flattens to uniform
+    assert lm._pick(row, False, 1.0) == 1 and lm._pick(row, True, 0.0) == 1  # greedy
+    big = np.array([1000.0, 1000.0 + np.log(3.0)], np.float32)  # large logits: no overflow in the softmax
+    assert abs(np.mean([lm._pick(big, True, 1.0) for _ in range(4000)]) - 0.75) < 0.03
 
 
 def gen_request(context, **kwargs):
@@ -256,11 +302,18 @@ def test_generation_stops_at_the_window_and_at_eos():
     ids = m.tokenizer.encode("abcdefghijk")[-5:]  # left-truncated to the room: 8 - 3
     assert text == m.tokenizer.decode(greedy_continuation(m, ids, 3))
     # an EOS argmax ends the text
-    ctx = next(c for c in ("a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p")
-               if int(logits_of(m.tokenizer.encode(c)).argmax()) == 1) if any(
-        int(logits_of(m.tokenizer.encode(c)).argmax()) == 1 for c in "abcdefghijklmnop") else None
-    if ctx is not None:
-        assert lm.generate_until([gen_request(ctx)], disable_tqdm=True) == [""]
+    m = CausalModel()
+    lm = ANELM(model=m)
+    words = [a + b for a in "abcdefghijklmnopqrstuvwxyz" for b in "abcdefghijklmnopqrstuvwxyz"]
+    eos_next = [w for w in words if int(logits_of(m.tokenizer.encode(w)).argmax()) == 1]
+    assert eos_next  # about 1/40 of them
+    assert lm.generate_until([gen_request(eos_next[0])], disable_tqdm=True) == [""]
+    one = next(w for w in words if len(greedy_continuation(m, m.tokenizer.encode(w), 7)) == 1)
+    assert len(lm.generate_until([gen_request(one, max_gen_toks=7)], disable_tqdm=True)[0]) == 1
+    # one token of room still generates
+    (short,) = ANELM(model=CausalModel(context_length=8)).generate_until(
+        [gen_request("abcdefghijk", max_gen_toks=7)], disable_tqdm=True)
+    assert len(short) >= 1
 
 
 def test_sampling_kwargs_are_checked_before_anything_runs():
@@ -269,9 +322,27 @@ def test_sampling_kwargs_are_checked_before_anything_runs():
     with pytest.raises(ValueError, match=r"generation kwargs \['top_k'\] are not supported"):
         lm.generate_until([gen_request("ab"), gen_request("ab", top_k=5)], disable_tqdm=True)
     assert m.count("infer") + m.count("prefill") == 0
-    a = ANELM(model=m, seed=3).generate_until([gen_request("ab", do_sample=True, temperature=2.0)], disable_tqdm=True)
-    b = ANELM(model=m, seed=3).generate_until([gen_request("ab", do_sample=True, temperature=2.0)], disable_tqdm=True)
-    assert a == b
+    with pytest.raises(ValueError, match=r"^ane: generation kwargs \['top_k'\] are not supported; use greedy decoding "
+                                         r"\(do_sample=False\) or temperature sampling$"):
+        lm.generate_until([gen_request("ab", top_k=5)])
+    prompts = ["ab", "cd", "ef", "gh"]
+
+    def generate(seed, **kw):
+        return ANELM(model=m, seed=seed).generate_until([gen_request(p, **kw) for p in prompts], disable_tqdm=True)
+
+    greedy = generate(3)
+    sampled = generate(3, do_sample=True, temperature=2.0)
+    assert sampled == generate(3, do_sample=True, temperature=2.0) and sampled != greedy
+    assert generate(3, do_sample=True) == greedy  # no temperature: greedy
+    assert generate(1234, do_sample=True, temperature=2.0) == ANELM(model=m).generate_until(
+        [gen_request(p, do_sample=True, temperature=2.0) for p in prompts], disable_tqdm=True)  # the default seed
+    # lm-eval's defaults: max_gen_toks from the model args, no stop strings
+    lm = ANELM(model=m, max_gen_toks=3)
+    lm.cache_hook = Hook()
+    req = Instance("generate_until", {}, ("ab", {}), 0)
+    (text,) = lm.generate_until([req], disable_tqdm=True)
+    assert text == m.tokenizer.decode(greedy_continuation(m, m.tokenizer.encode("ab"), 3))
+    assert lm.cache_hook.added == [("generate_until", ("ab", {}), text)]
 
 
 def test_an_argmax_head_generates_greedily_and_refuses_scores():
@@ -281,8 +352,10 @@ def test_an_argmax_head_generates_greedily_and_refuses_scores():
     (text,) = lm.generate_until([gen_request("abc")], disable_tqdm=True)
     assert text == m.tokenizer.decode(greedy_continuation(m, m.tokenizer.encode("abc"), 6))
     assert m.count("next_token") > 0 and m.count("infer") == 0
-    with pytest.raises(NoDistributionError, match=r"stand-in: its LM head returns only the argmax .* so 2 "
-                                                  r"loglikelihood request\(s\) cannot be scored"):
+    with pytest.raises(NoDistributionError, match=r"^stand-in: its LM head returns only the argmax of each vocabulary "
+                       r"chunk \(argmax_in_model\), not a distribution, so 2 loglikelihood request\(s\) cannot be "
+                       r"scored; evaluate generation \(generate_until\) tasks with greedy decoding, or convert the "
+                       r"model without --argmax$"):
         lm._loglikelihood_tokens([(None, [0, 2], [3]), (None, [0, 2], [4])])
     with pytest.raises(NoDistributionError, match=r"so 1 rolling loglikelihood request\(s\) cannot be scored"):
         lm.loglikelihood_rolling([Rolling("ab")])
@@ -296,7 +369,7 @@ def test_model_args(caplog):
     m = CausalModel()
     assert ANELM(model=m).prefix_reuse is True
     for v, want in (("false", False), ("0", False), ("no", False), ("True", True), (" yes ", True), ("on", True),
-                    (0, False), (1, True)):
+                    ("1", True), (0, False), (1, True)):
         assert ANELM(model=m, prefix_reuse=v).prefix_reuse is want, v
         assert ANELM(model=m, add_bos_token=v).add_bos_token is want
     assert ANELM(model=m).add_bos_token is None
@@ -305,13 +378,52 @@ def test_model_args(caplog):
     ANELM(model=m, device="cpu", max_batch_size=4)
     with caplog.at_level(logging.INFO, logger="ane_eval"):
         ANELM(model=m, batch_size=8)
-        ANELM(model=m, batch_size="auto")
+        ANELM(model=m)
+        for quiet in ("auto", 1, "1", None, "None"):
+            ANELM(model=m, batch_size=quiet)
     assert caplog.messages == ["ane: batch_size 8 ignored: an ANE model evaluates requests serially"]
+    assert ANELM(model=m).max_gen_toks == 256
     lm = ANELM(model=m, max_gen_toks=17)
     assert (lm.max_gen_toks, lm.max_length, lm.eot_token_id, lm.prefix_token_id) == (17, 64, 1, 0)
     assert lm.tokenizer_name == "stand__in"
     m.tokenizer.bos_token_id = None
     assert lm.prefix_token_id == 1  # no BOS: EOS, as HFLM
+
+
+def test_model_dir_loads_through_load_model(monkeypatch):
+    """Without `model`, ANELM loads `model_dir` (the `demo` alias resolved) with the backend settings given."""
+    import ane_eval.model as model_module
+
+    seen = {}
+    monkeypatch.setattr(model_module, "resolve_model", lambda arg: seen.setdefault("resolved", f"dir:{arg}"))
+    monkeypatch.setattr(model_module, "load_model", lambda path, **kw: seen.update(path=path, **kw) or CausalModel())
+    timeouts, real = [], harness.Group
+    monkeypatch.setattr(harness, "Group", lambda timeout=None: timeouts.append(timeout) or real(timeout=timeout))
+    ANELM()
+    assert seen == {"resolved": "dir:demo", "path": "dir:demo", "backend": "auto", "precision": "fp16",
+                    "compute_units": "CPU_AND_NE"}
+    seen.clear()
+    ANELM(model_dir="/m", backend="mil", precision="fp32", compute_units="CPU_ONLY", dist_timeout=12.5)
+    assert seen == {"resolved": "dir:/m", "path": "dir:/m", "backend": "mil", "precision": "fp32",
+                    "compute_units": "CPU_ONLY"}
+    assert timeouts == [None, 12.5]
+
+
+def test_a_model_without_a_head_attribute_has_logits():
+    m = CausalModel()
+    del m.head
+    lm = ANELM(model=m)
+    assert lm.has_distribution
+    (got,) = lm._loglikelihood_tokens([(None, [0, 3, 4], [5])], disable_tqdm=True)
+    assert got == pytest.approx(reference([0, 3, 4], [5]))
+
+
+def test_a_greedy_continuation_is_greedy():
+    ctx = [0, 3, 4]
+    cont = greedy_continuation(CausalModel(), ctx, 4)
+    assert len(cont) == 4 and 1 not in cont
+    (got,) = ANELM(model=CausalModel())._loglikelihood_tokens([(None, ctx, cont)], disable_tqdm=True)
+    assert got[1] is True and got[0] == pytest.approx(reference(ctx, cont)[0])
 
 
 def test_tok_encode_as_hflm():
@@ -320,5 +432,6 @@ def test_tok_encode_as_hflm():
     assert lm.tok_encode("ab") == [0, 2, 3]
     assert lm.tok_encode("<s>ab") == m.tokenizer.encode("<s>ab", add_special_tokens=False)  # BOS already there
     assert lm.tok_encode("abcd", left_truncate_len=2) == [4, 5]
+    assert lm.tok_encode("ab", add_special_tokens=False) == [2, 3] and lm.tok_encode("ab", True) == [0, 2, 3]
     assert ANELM(model=m, add_bos_token=False).tok_encode("ab") == [2, 3]
     assert lm.tok_decode([0, 2, 1]) == "a" and lm.tok_decode([0, 2], skip_special_tokens=False) == "<s>a"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ane_eval.mil import KERNELS
-from ane_eval.mil.interpreter import _coercer
+from ane_eval.mil.interpreter import _coercer, _small_static
 from ane_eval.mil.ir import TensorType
 
 rng = np.random.default_rng(0)
@@ -259,6 +259,12 @@ def test_fp16_rounding_overflows_to_inf_and_casts_wrap():
     # float -> int truncates toward zero, then wraps like an integer cast (numpy's float cast does not wrap)
     np.testing.assert_array_equal(to_int16(np.array([40000.7, -3.5, 7.2], np.float32)),
                                   np.array([-25536, -3, 7], np.int16))
+    with np.errstate(all="ignore"):  # numpy's own cast gives INT_MIN for both
+        np.testing.assert_array_equal(to_int32(np.array([3e9, -3e9], np.float32)),
+                                      np.array([3e9 - 2**32, 2**32 - 3e9], np.int64).astype(np.int32))
+    # outputs rounded by the compiled function's inline cast: static shapes below SMALL elements only
+    assert _small_static(TensorType("fp16", (1, 4))) and not _small_static(TensorType("fp16", (None, 4)))
+    assert not _small_static(TensorType("fp16", (1, 1024)))
     # fp32-type outputs (and fp16 ones in fp32 mode) are float32, whatever dtype the kernel returned
     for dtype in ("fp32", "fp64", "bf16", "fp16"):
         out = _coercer(TensorType(dtype, (2,)), round_fp16=dtype != "fp16")(
