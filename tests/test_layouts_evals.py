@@ -40,7 +40,8 @@ RUNS = {
     "gemma3_unified": ("gemma:unified", "mil", True, ["chunk01-infer-states-model_model_kv_cache_0"]),
     "gemma3_split_rotate": ("gemma:split_rotate", "mil", True, [
         "chunk01-infer_rotate-states-model_model_kv_cache_local", "chunk01-prefill-inputs-update_mask"]),
-    # the emulated Mac: ANEMLL models the converter builds (fp16 and LUT) and .mlmodelc copies of them
+    # the emulated Mac: ANEMLL models the converter builds (fp16 and LUT) and .mlmodelc copies of them (the fp16
+    # demo's packages run the whole suite there: tests/test_coreml.py test_evals_suite_on_an_emulated_mac)
     "lut4": ("demo:lut4", "coreml", False, ["chunk01-infer-states-model_model_kv_cache_0"]),
     "fp16.mlmodelc": ("demo:fp16.mlmodelc", "coreml", False, ["embeddings-main-inputs-input_ids"]),
     "lut4.mlmodelc": ("demo:lut4.mlmodelc", "coreml", False, ["lm_head-main-outputs-logits8"]),
