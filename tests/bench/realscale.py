@@ -35,7 +35,19 @@ def measure(side: str, path: str, prompt_len: int, decode_prompt: int, decode: i
     # per generated token: the short prompt's prefill timed alone and subtracted
     decode_s = (best_of(decode_n, rounds) - best_of(decode_0, rounds)) / decode
     return {"side": side, "load_s": load, "prefill_s": prefill_s, "prefill_tokens": prompt_len,
-            "decode_s_per_token": decode_s, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "decode_s_per_token": decode_s, "peak_rss_bytes": peak_rss()}
+
+
+def peak_rss() -> int:
+    """This process's peak resident set: VmHWM (Linux), which starts afresh at exec. ru_maxrss does not: a child
+    of a large parent reports the parent's peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def main(argv=None) -> None:
