@@ -457,3 +457,168 @@ def test_part_accessors():
     assert p.feature("prefill", "inputs", "hidden_states").shape == (1, B, H)
     assert p.feature(None, "states", contract.STATE_NAME).shape == STATE
     assert p.feature(None, "inputs", "nope") is None
+
+
+# --- pinned down by mutation testing (each kills a mutant the tests above let live) -----------------------------
+def test_check_inputs_full_fp16_message():
+    v = good(np.float32)
+    v["hidden_states"][0, 0, 0] = 1 + 2 ** -12
+    assert refused(v, COREML) == ("part fn: hidden_states holds values that are not fp16; the model would round "
+                                  "them, so what runs is not what was fed: round to fp16 first (.astype(np.float16))")
+
+
+def two_chunks(c1, c2, meta=None, **layout):
+    b = bundle(meta=meta, **layout)
+    b.chunks = [Path("c1"), Path("c2")]
+    return b, parts(chunk01=c1, chunk02=c2)
+
+
+def test_cross_check_reports_every_chunk():
+    lacking = lambda name: Part(Path(name), {"infer": chunk_sig(1)}, {}, "infer")  # noqa: E731
+    msg = refusal(*two_chunks(lacking("c1"), lacking("c2")))
+    assert "c1 lacks function(s)" in msg and "c2 lacks function(s)" in msg
+    no_state = lambda name: Part(Path(name), {"infer": chunk_sig(1), "prefill": Signature(  # noqa: E731
+        chunk_sig(B).inputs, chunk_sig(B).outputs, ())}, {}, "infer")
+    msg = refusal(*two_chunks(no_state("c1"), no_state("c2")))
+    assert "c1 prefill lacks causal_mask, hidden_states or a KV-cache state" in msg and "c2 prefill lacks" in msg
+    no_mask = Signature(tuple(f for f in chunk_sig(1).inputs if f.name != "causal_mask"), chunk_sig(1).outputs,
+                        chunk_sig(1).states)
+    assert "c infer lacks causal_mask" in refusal(
+        bundle(), parts(chunk01=Part(Path("c"), {"infer": no_mask, "prefill": chunk_sig(B)}, {}, "infer")))
+    other = Part(Path("c2"), {"infer": chunk_sig(1, state=(2, 1, C, 8)), "prefill": chunk_sig(B, state=(2, 1, C, 8))},
+                 {}, "infer")
+    msg = refusal(*two_chunks(chunk("c1"), other))
+    assert f"chunks declare different KV-cache states: c1:infer (('{contract.STATE_NAME}', {STATE}),), c1:prefill" in msg
+
+
+def test_cross_check_problems_are_joined_in_one_line():
+    msg = refusal(bundle(meta={"context_length": 32, "batch_size": 8, "split_lm_head": 2}), parts())
+    assert msg == (f"/models/m: inconsistent model: meta.yaml context_length is 32 but the model was compiled for {C} "
+                   f"(causal_mask last dim); fix meta.yaml or re-convert; meta.yaml batch_size is 8 but the model was "
+                   f"compiled with prefill batch {B}; fix meta.yaml or re-convert")
+    assert refusal(bundle(), parts(), tokens=V + 1).endswith(
+        f"the LM head covers {V} token ids but the tokenizer has {V + 1}; some tokens could never be scored")
+
+
+def test_cross_check_each_function_declares_its_own_shapes():
+    wide = Part(Path("c"), {"infer": chunk_sig(1), "prefill": chunk_sig(B, c=2 * C)}, {}, "infer")
+    assert f"different context lengths (causal_mask last dim): [{C}, {2 * C}]" in refusal(bundle(meta={}), parts(chunk01=wide))
+    um = (F("update_mask", "fp16", (1, 1, C, B)),)
+    with_rot = Part(Path("c"), {"infer": chunk_sig(1), "prefill": chunk_sig(B, extra=um),
+                                "infer_rotate": chunk_sig(1), "prefill_rotate": chunk_sig(B)}, {}, "infer")
+    g = contract.cross_check(bundle(), parts(chunk01=with_rot), V)
+    assert g.update_mask and g.functions == ("infer", "infer_rotate", "prefill", "prefill_rotate")
+    b, p = two_chunks(with_rot, chunk("c2"))
+    assert contract.cross_check(b, p, V).functions == ("infer", "infer_rotate", "prefill", "prefill_rotate")
+
+
+def test_cross_check_rotate_companions_pair_with_their_chunk():
+    rot = Part(Path("c2_rot"), {"infer_rotate": chunk_sig(1), "prefill_rotate": chunk_sig(B)}, {}, "infer_rotate")
+    b, p = two_chunks(chunk("c1"), chunk("c2"), sliding_window=8)
+    p.update(chunk01_rot=None, chunk02_rot=rot)
+    msg = refusal(b, p)
+    assert "c1 lacks function(s) ['infer_rotate', 'prefill_rotate']" in msg and "c2 lacks" not in msg
+
+
+def test_cross_check_falls_back_to_meta_yaml_without_declarations():
+    g = contract.cross_check(bundle(), {"embeddings": embeddings(), "chunk01": None, "lm_head": head()}, V)
+    assert (g.context_length, g.batch_size, g.mask_width, g.state_shape, g.states) == (C, B, C, None, {})
+    g = contract.cross_check(bundle(attention_size=8), {"embeddings": embeddings(), "chunk01": None, "lm_head": head()}, V)
+    assert (g.context_length, g.mask_width) == (C, 8)
+    b, p = two_chunks(None, chunk("c2"), meta={})
+    assert contract.cross_check(b, p, V).context_length == C  # a compiled first chunk: the second one tells
+    only_b = {"batch_size": B, "split_lm_head": 2}
+    assert contract.cross_check(bundle(meta=only_b, attention_size=C), parts(), V).context_length == C
+    assert refusal(bundle(meta=only_b), {"embeddings": embeddings(), "chunk01": None, "lm_head": head()}
+                   ).endswith("cannot tell the context length and prefill batch (no meta.yaml values and no readable "
+                              "declarations); add them to meta.yaml")
+
+
+def test_cross_check_embeddings_without_input_ids_is_not_a_crash():
+    odd = Part(Path("e"), {"main": Signature((F("ids", "int32", (1, 1)),), (), ())}, {}, "main")
+    assert contract.cross_check(bundle(), parts(embeddings=odd), V).batch_size == B
+    flat = Part(Path("e"), {"main": Signature((F("input_ids", "int32", (1, B)),), (), ())}, {}, "main")
+    assert contract.cross_check(bundle(), parts(embeddings=flat), V).batch_size == B
+
+
+def test_cross_check_state_shape_prefers_the_unified_cache():
+    local, glob = F("model_model_kv_cache_local", "fp16", (2, 1, 8, 4)), F(contract.STATE_NAME, "fp16", STATE)
+    sig = lambda T, states: Signature(chunk_sig(T).inputs, chunk_sig(T).outputs, states)  # noqa: E731
+    both = Part(Path("c"), {"infer": sig(1, (local, glob)), "prefill": sig(B, (local, glob))}, {}, "infer")
+    assert contract.cross_check(bundle(), parts(chunk01=both), V).state_shape == STATE
+    only = Part(Path("c"), {"infer": sig(1, (local,)), "prefill": sig(B, (local,))}, {}, "infer")
+    assert contract.cross_check(bundle(), parts(chunk01=only), V).state_shape == (2, 1, 8, 4)
+
+
+def test_cross_check_monolithic_head_is_its_infer_function():
+    b = bundle(model_type="monolithic", argmax_in_model=True, vocab_size=V)
+    b.monolithic = Path("mono")
+    am = (F("argmax_idx", "int32", (2,)), F("argmax_val", "fp16", (2,)))
+    infer = Signature(mono_sig(1).inputs, am, mono_sig(1).states)
+    mono = Part(Path("mono"), {"infer": infer, "prefill": mono_sig(B)}, {}, "prefill")  # its default: prefill
+    assert contract.cross_check(b, {contract.MONOLITHIC: mono}, V).head == "argmax"
+    bad = Signature(mono_sig(1).inputs, (F("logits2", "fp16", (1, 1, V)),), mono_sig(1).states)
+    mono = Part(Path("mono"), {"infer": bad, "prefill": mono_sig(B)}, {}, "prefill")
+    assert "mono infer outputs ['logits2']; expected logits1..logitsK" in refusal(
+        bundle(model_type="monolithic"), {contract.MONOLITHIC: mono})
+
+
+def test_cross_check_argmax_head_edges():
+    b = bundle(argmax_in_model=True, vocab_size=V)
+    assert "outputs ['argmax_val']; an argmax head returns exactly" in refusal(
+        b, parts(lm_head=head((F("argmax_val", "fp16", (2,)),))))
+    assert "returns argmax_idx () int32 and argmax_val (2,) fp16" in refusal(
+        b, parts(lm_head=head((F("argmax_idx", "int32", ()), F("argmax_val", "fp16", (2,))))))
+    one = bundle(meta={"context_length": C, "batch_size": B, "split_lm_head": 1}, argmax_in_model=True, vocab_size=V)
+    assert contract.cross_check(one, parts(lm_head=argmax_head(k=1)), V).logits_widths == [V]
+    for key, value, want in (("com.anemll.lm_head_chunk_sizes", "x", "com.anemll.lm_head_chunk_sizes must be"),
+                             ("com.anemll.vocab_size", "x", "com.anemll.vocab_size must be")):
+        msg = refusal(bundle(argmax_in_model=True), parts(lm_head=argmax_head(md={key: value})))
+        assert f"inconsistent model: m_lm_head.mlpackage: {want}" in msg
+
+
+def test_part_paths_and_declared_interface_of_rotate_files():
+    b = bundle()
+    assert contract.part_paths(b) == {"embeddings": Path("e"), "chunk01": Path("c1"), "lm_head": Path("h")}
+    rot = Part(Path("c_rot"), {"infer_rotate": chunk_sig(1)}, {}, "infer_rotate")
+    declared = contract.declared_interface({"chunk01": None, "chunk01_rot": rot, "lm_head": head()})
+    assert declared[("chunk01", "infer_rotate", "inputs", "hidden_states")] == ((1, 1, H), "fp16")
+    assert declared[("lm_head", "main", "outputs", "logits1")] == ((1, 1, 16), "fp16")
+
+
+def test_expected_interface_equals_a_consistent_declaration_everywhere():
+    assert contract.expected_interface(geometry(), 1) == contract.declared_interface(parts())
+    c1 = Part(Path("c1"), {"infer": chunk_sig(1), "prefill": chunk_sig(B, rows=B)}, {}, "infer")
+    b, p = two_chunks(c1, chunk("c2"))
+    assert contract.expected_interface(geometry(), 2) == contract.declared_interface(p)
+    M = contract.MONOLITHIC
+    mono = Part(Path("m"), {"infer": mono_sig(1), "prefill": mono_sig(B)}, {}, "infer")
+    assert contract.expected_interface(geometry(monolithic=True), 0) == contract.declared_interface({M: mono})
+
+
+def test_expected_interface_uses_the_split_states():
+    states = {"model_model_kv_cache_local": (4, 1, 8, 4), "model_model_kv_cache_global": (2, 1, C, 4)}
+    exp = contract.expected_interface(geometry(states=states, state_shape=None), 1)
+    assert exp[("chunk01", "infer", "states", "model_model_kv_cache_local")] == ((4, 1, 8, 4), "fp16")
+    assert ("chunk01", "infer", "states", contract.STATE_NAME) not in exp
+
+
+def test_expected_geometry_sizes_are_integers(tmp_path):
+    types = ["sliding_attention", "full_attention"]
+    (tmp_path / "config.json").write_text(json.dumps(dict(hidden_size=H, vocab_size=V, num_hidden_layers=2,
+                                                          num_attention_heads=2, layer_types=types)))
+    g, _ = contract.expected_geometry(bundle(root=tmp_path, sliding_window=8))
+    for shape in g.states.values():
+        assert all(type(d) is int for d in shape), shape
+    g, _ = contract.expected_geometry(bundle(root=tmp_path))
+    assert all(type(d) is int for d in g.state_shape) and g.monolithic is False
+    assert contract.expected_geometry(bundle(root=tmp_path, model_type="monolithic"))[0].monolithic is True
+    g, unknown = contract.expected_geometry(bundle(root=tmp_path / "none", meta={}))
+    assert g.logits_widths is None
+    assert unknown == ["meta.yaml context_length", "meta.yaml batch_size", "config.json hidden_size", "config.json vocab_size",
+                       "config.json num_hidden_layers", "config.json num_key_value_heads", "config.json head_dim",
+                       "meta.yaml split_lm_head"]
+
+
+def test_sliding_layers_pattern_counts_from_layer_one():
+    assert contract.sliding_layers({"sliding_window_pattern": 4}, 6) == 5  # layer 4 global
