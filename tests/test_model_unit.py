@@ -152,14 +152,28 @@ class Backend:
         return Predictor(self, part, function_name if function_name is not None else part.default_function)
 
 
-def make(monkeypatch, tmp_path, boundary=NATIVE, **kw):
+def make(monkeypatch, tmp_path, boundary=NATIVE, compiled=(), **kw):
+    """The model over the stand-in; `compiled`: roles whose declarations are unreadable (contract gives None)."""
     b, parts = build(tmp_path, **kw)
     backend = Backend(parts, boundary)
-    monkeypatch.setattr(model_mod, "select", lambda name, precision, compute_units: backend)
-    monkeypatch.setattr(model_mod, "discover", lambda path, backend: b)
-    monkeypatch.setattr(model_mod, "load_tokenizer", lambda bundle: list(range(V)))
-    monkeypatch.setattr(contract, "describe_parts", lambda bundle: parts)
-    m = ANEModel(tmp_path, backend="stand-in")
+    asked = []
+
+    def select(name, precision, compute_units):
+        asked.append((name, precision, compute_units))
+        return backend
+
+    def discover(path, backend):
+        assert (path, backend) == (Path(str(tmp_path)), "stand-in")
+        return b
+
+    monkeypatch.setattr(model_mod, "select", select)
+    monkeypatch.setattr(model_mod, "discover", discover)
+    monkeypatch.setattr(model_mod, "load_tokenizer", lambda bundle: list(range(V)) if bundle is b else None)
+    seen = {role: None if role in compiled else p for role, p in parts.items()}
+    monkeypatch.setattr(contract, "describe_parts", lambda bundle: seen if bundle is b else None)
+    m = ANEModel(str(tmp_path), backend="stand-in", precision="fp32", compute_units="CPU_ONLY")
+    assert asked == [("stand-in", "fp32", "CPU_ONLY")] and m.precision == "fp32"
+    m.construction_calls = list(backend.calls)
     backend.calls.clear()
     return m, backend
 
@@ -408,3 +422,68 @@ def test_argmax_ties_go_to_the_first_chunk(monkeypatch, tmp_path):
 
 def test_resolve_model():
     assert model_mod.resolve_model("some/dir") == Path("some/dir")
+
+
+# --- pinned down by mutation testing -----------------------------------------------------------------------------
+def test_construction_learns_the_hidden_size_from_one_embedding(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path)
+    (name, fn, inputs), = m.construction_calls
+    assert name == "toy_embeddings.mlpackage" and inputs["input_ids"].dtype == np.int32
+    assert inputs["input_ids"].shape == (1, 1)
+    monkeypatch.setattr(contract, "cross_check", lambda *a, **k: (_ for _ in ()).throw(AssertionError(k)))
+    with pytest.raises(AssertionError, match="'embeddings_width': 8"):
+        make(monkeypatch, tmp_path)
+
+
+def test_every_call_goes_through_the_input_check(monkeypatch, tmp_path):
+    for kw in ({}, {"monolithic": True}, {"version": "0.3.5"}):
+        m, backend = make(monkeypatch, tmp_path, **kw)
+        checked, real = [], contract.check_inputs
+
+        def check(where, signature, inputs, hints=None, boundary=NATIVE):
+            checked.append((where, signature, boundary))
+            return real(where, signature, inputs, hints, boundary)
+
+        monkeypatch.setattr(contract, "check_inputs", check)
+        m.prefill(PROMPT[:5])
+        m.infer(1, 5)
+        part = {p.name: p for p in m.parts.values()}
+        assert [(w, s) for w, s, _ in checked] == [
+            (f"{n} {fn}" if fn != "main" else n, part[n].signature(fn)) for n, fn, _ in backend.calls]
+        assert {b for *_, b in checked} == {NATIVE}
+        monkeypatch.setattr(contract, "check_inputs", real)
+
+
+@pytest.mark.parametrize("boundary", [NATIVE, COREML])
+def test_compiled_chunks_take_the_update_mask_meta_yaml_promises(monkeypatch, tmp_path, boundary):
+    m, backend = make(monkeypatch, tmp_path, boundary, compiled=("chunk01",), version="0.3.5",
+                      update_mask_prefill=True, with_update_mask=True)
+    m.prefill(PROMPT[:6])
+    chunk_calls = [(fn, i) for n, fn, i in backend.calls if "chunk" in n]
+    assert [fn for fn, _ in chunk_calls] == ["prefill", "infer", "infer"]
+    mask = chunk_calls[0][1]["update_mask"]
+    assert mask.dtype == boundary.fp16_dtypes[0] and np.array_equal(mask, update_mask(C, 0, B))
+    assert all("update_mask" not in i for fn, i in chunk_calls[1:])
+    assert int(m.infer(2, 6).argmax()) == want(PROMPT[:6] + [2], 6)
+
+
+def test_next_token_maps_local_index_zero(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path, argmax=True)
+    monkeypatch.setattr(Predictor, "head", lambda self, h: {"argmax_idx": np.array([5, 0], np.int32),
+                                                           "argmax_val": np.array([0, 1], np.float16)})
+    assert m.next_token(1, 0) == HALF
+
+
+def test_infer_on_an_argmax_head_says_what_to_use(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path, argmax=True)
+    with pytest.raises(NoLogitsError) as e:
+        m.infer(1, 0)
+    assert str(e.value) == ("toy: the LM head returns only the argmax of each vocabulary chunk (argmax_in_model), no "
+                            "logits; use next_token for greedy decoding")
+
+
+def test_resolve_model_demo(monkeypatch):
+    from ane_eval import demo
+    monkeypatch.setattr(demo, "model_dir", lambda: Path("/built/demo"))
+    assert model_mod.resolve_model("demo") == Path("/built/demo")
+    assert model_mod.resolve_model(Path("demo")) == Path("/built/demo")
