@@ -622,3 +622,18 @@ def test_expected_geometry_sizes_are_integers(tmp_path):
 
 def test_sliding_layers_pattern_counts_from_layer_one():
     assert contract.sliding_layers({"sliding_window_pattern": 4}, 6) == 5  # layer 4 global
+
+
+def test_cross_check_names_each_function_and_output_problem():
+    bare = lambda T: Signature(chunk_sig(T).inputs, chunk_sig(T).outputs, ())  # noqa: E731
+    msg = refusal(bundle(), parts(chunk01=Part(Path("c"), {"infer": bare(1), "prefill": bare(B)}, {}, "infer")))
+    assert "c infer lacks" in msg and "c prefill lacks" in msg
+    assert "outputs ['argmax_idx', 'logits1']; an argmax head returns exactly" in refusal(
+        bundle(argmax_in_model=True, vocab_size=V),
+        parts(lm_head=head((F("argmax_idx", "int32", (2,)), F("logits1", "fp16", (1, 1, 2))))))
+
+
+def test_cross_check_embeddings_batch_two():
+    c = Part(Path("c"), {"infer": chunk_sig(1), "prefill": chunk_sig(2)}, {}, "infer")
+    b = bundle(meta={"context_length": C, "batch_size": 2, "split_lm_head": 2})
+    assert contract.cross_check(b, parts(chunk01=c, embeddings=embeddings(batches=(1, 2))), V).batch_size == 2
