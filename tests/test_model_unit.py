@@ -1,0 +1,489 @@
+"""ANEModel's driving logic (prefill rules and batching, positions, rewind, reset, infer/next_token,
+token_evaluations) on a stand-in backend, milliseconds per test; tests/test_model*.py run the same protocol on the
+demo model (seconds).
+
+The stand-in follows the backend protocol of ane_eval/backends/__init__.py (`load(path, function) -> predictor`,
+`predict(inputs, state)`, `make_state()`, `boundary`, `name`, `describe()`), uses the real state object
+(mil.MILState, the portable runtime's), and computes like the converted parts do (llama_converter): a chunk
+writes its T rows into the cache at current_pos.. (slice_update; with an update_mask input, row i where the mask
+column i is 1, as gemma3_converter) and each query row reads the cached keys its additive causal mask leaves at
+0. Its toy "attention" sums the cached token ids, so the greedy next token after position p is
+sum(tokens 0..p) mod V: exactly right only if every position the mask shows holds the caller's token.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ane_eval import contract, model as model_mod
+from ane_eval.bundle import Bundle
+from ane_eval.contract import COREML, NATIVE, ContractError, Part
+from ane_eval.meta import Layout
+from ane_eval.mil import MILState
+from ane_eval.mil.ir import Feature, Signature
+from ane_eval.model import ANEModel, ContextOverflowError, NoLogitsError, causal_mask, update_mask
+
+C, B, H, V = 16, 4, 8, 32
+STATE = (2, 1, C, 4)
+HALF = V // 2
+
+
+def F(name, dtype, shape, shapes=()):
+    return Feature(name, dtype, tuple(shape), tuple(shapes))
+
+
+def stateful_sig(T, token_input, outputs, extra=()):
+    first = F("input_ids", "int32", (1, T)) if token_input == "input_ids" else F("hidden_states", "fp16", (1, T, H))
+    return Signature(inputs=(first, F("position_ids", "int32", (T,)), F("causal_mask", "fp16", (1, 1, T, C)),
+                             F("current_pos", "int32", (1,)), *extra),
+                     outputs=tuple(outputs), states=(F(contract.STATE_NAME, "fp16", STATE),))
+
+
+def head_outputs(argmax):
+    if argmax:
+        return (F("argmax_idx", "int32", (2,)), F("argmax_val", "fp16", (2,)))
+    return (F("logits1", "fp16", (1, 1, HALF)), F("logits2", "fp16", (1, 1, HALF)))
+
+
+def build(tmp_path, chunks=1, monolithic=False, argmax=False, with_update_mask=False, **layout):
+    """(bundle, parts) of a consistent toy model; the Parts are what frontends.describe would return for it."""
+    root = tmp_path
+    meta = {"context_length": C, "batch_size": B, "split_lm_head": 2}
+    lay = Layout(argmax_in_model=argmax, vocab_size=V, model_type="monolithic" if monolithic else "chunked", **layout)
+    if monolithic:
+        path = root / "toy_monolithic.mlpackage"
+        fns = {"infer": stateful_sig(1, "input_ids", head_outputs(argmax)),
+               "prefill": stateful_sig(B, "input_ids", head_outputs(False))}
+        b = Bundle(root=root, embeddings=None, chunks=[], lm_head=None, tokenizer_dir=root, meta=meta, name="toy",
+                   layout=lay, monolithic=path)
+        return b, {contract.MONOLITHIC: Part(path, fns, {}, "infer")}
+    paths = [root / f"toy_FFN_PF_chunk_{i:02d}of{chunks:02d}.mlpackage" for i in range(1, chunks + 1)]
+    b = Bundle(root=root, embeddings=root / "toy_embeddings.mlpackage", chunks=paths,
+               lm_head=root / "toy_lm_head.mlpackage", tokenizer_dir=root, meta=meta, name="toy", layout=lay)
+    um = (F("update_mask", "fp16", (1, 1, C, B)),) if with_update_mask else ()
+    parts = {"embeddings": Part(b.embeddings, {"main": Signature(
+        (F("input_ids", "int32", (1, 1), shapes=[(1, 1), (1, B)]),), (F("hidden_states", "fp16", ()),), ())},
+        {}, "main")}
+    for i, p in enumerate(paths, start=1):
+        rows = 1 if i == chunks else B  # the last chunk's prefill returns row 0 only
+        parts[f"chunk{i:02d}"] = Part(p, {
+            "infer": stateful_sig(1, "hidden_states", (F("output_hidden_states", "fp16", (1, 1, H)),)),
+            "prefill": stateful_sig(B, "hidden_states", (F("output_hidden_states", "fp16", (1, rows, H)),), um)},
+            {}, "infer")
+    parts["lm_head"] = Part(b.lm_head, {"main": Signature((F("hidden_states", "fp16", (1, 1, H)),),
+                                                          head_outputs(argmax), ())}, {}, "main")
+    return b, parts
+
+
+class Predictor:
+    """One function of one toy part."""
+
+    def __init__(self, backend, part, function):
+        self.backend, self.part, self.function = backend, part, function
+        self.sig = part.signature(function)
+
+    def make_state(self):
+        return MILState(self.sig.states, str(self.part.path))
+
+    def predict(self, inputs, state=None):
+        self.backend.calls.append((self.part.name, self.function, {k: np.copy(v) for k, v in inputs.items()}))
+        assert (state is None) == (not self.sig.states), "a stateful function is called with its state"
+        names = [f.name for f in self.sig.outputs]
+        if "hidden_states" in names:  # embeddings: the token id in feature 0
+            ids = inputs["input_ids"]
+            out = np.zeros((1, ids.shape[1], H), np.float16)
+            out[0, :, 0] = ids[0]
+            return {"hidden_states": out}
+        if not self.sig.states:  # LM head
+            return self.head(float(inputs["hidden_states"][0, 0, 0]))
+        x = inputs["input_ids"][0].astype(np.float32) if "input_ids" in inputs else \
+            inputs["hidden_states"][0, :, 0].astype(np.float32)
+        cache = state.read_state(contract.STATE_NAME)
+        # every chunk owns its layers' slice of the one unified cache (ANEMLL-CONTRACT.md): here column `layer`
+        layer = int(self.part.name.split("_chunk_")[1][:2]) - 1 if "_chunk_" in self.part.name else 0
+        pos, T = int(inputs["current_pos"][0]), len(x)
+        if "update_mask" in inputs:  # gemma3_converter: row i lands where update_mask[..., i] is 1
+            for i in range(T):
+                where = np.flatnonzero(inputs["update_mask"][0, 0, :, i] == 1)
+                cache[0, 0, where, layer] = x[i]
+        else:  # slice_update at current_pos..current_pos+T (CoreML refuses a slice past the end)
+            assert pos + T <= C, "slice update past the cache"
+            cache[0, 0, pos:pos + T, layer] = x
+        state.write_state(contract.STATE_NAME, cache)
+        visible = inputs["causal_mask"][0, 0] == 0  # (T, C): -inf hides a key
+        sums = (visible * cache[0, 0, :, layer].astype(np.float32)).sum(axis=1)
+        outs = {}
+        if "output_hidden_states" in names:
+            rows = self.sig.outputs[0].shape[1]
+            h = np.zeros((1, rows, H), np.float16)
+            h[0, :, 0] = sums[:rows]
+            outs["output_hidden_states"] = h
+        else:
+            outs.update(self.head(float(sums[0])))
+        return outs
+
+    def head(self, h):
+        token = int(h) % V
+        names = [f.name for f in self.sig.outputs]
+        if "argmax_idx" in names:  # llama_converter.convert_lm_head(argmax_in_model): per chunk argmax + its logit
+            idx = np.array([token % HALF if token // HALF == k else 0 for k in range(2)], np.int32)
+            val = np.array([1.0 if token // HALF == k else 0.0 for k in range(2)], np.float16)
+            return {"argmax_idx": idx, "argmax_val": val}
+        logits = np.zeros(V, np.float16)
+        logits[token] = 1
+        return {"logits1": logits[None, None, :HALF], "logits2": logits[None, None, HALF:]}
+
+
+class Backend:
+    name = "stand-in"
+
+    def __init__(self, parts, boundary=NATIVE):
+        self.by_path = {p.path: p for p in parts.values()}
+        self.boundary = boundary
+        self.calls = []
+
+    def describe(self):
+        return "stand-in"
+
+    def load(self, path, function_name=None):
+        part = self.by_path[path]
+        if function_name is not None and function_name not in part.functions:
+            raise ValueError(f"{path.name}: no function {function_name!r}")
+        return Predictor(self, part, function_name if function_name is not None else part.default_function)
+
+
+def make(monkeypatch, tmp_path, boundary=NATIVE, compiled=(), **kw):
+    """The model over the stand-in; `compiled`: roles whose declarations are unreadable (contract gives None)."""
+    b, parts = build(tmp_path, **kw)
+    backend = Backend(parts, boundary)
+    asked = []
+
+    def select(name, precision, compute_units):
+        asked.append((name, precision, compute_units))
+        return backend
+
+    def discover(path, backend):
+        assert (path, backend) == (Path(str(tmp_path)), "stand-in")
+        return b
+
+    monkeypatch.setattr(model_mod, "select", select)
+    monkeypatch.setattr(model_mod, "discover", discover)
+    monkeypatch.setattr(model_mod, "load_tokenizer", lambda bundle: list(range(V)) if bundle is b else None)
+    seen = {role: None if role in compiled else p for role, p in parts.items()}
+    monkeypatch.setattr(contract, "describe_parts", lambda bundle: seen if bundle is b else None)
+    m = ANEModel(str(tmp_path), backend="stand-in", precision="fp32", compute_units="CPU_ONLY")
+    assert asked == [("stand-in", "fp32", "CPU_ONLY")] and m.precision == "fp32"
+    m.construction_calls = list(backend.calls)
+    backend.calls.clear()
+    return m, backend
+
+
+def want(seq, pos, chunks=1):
+    """The stand-in's greedy token: each chunk replaces row p by the sum of its rows 0..p."""
+    x = list(seq[:pos + 1])
+    for _ in range(chunks):
+        x = list(np.cumsum(x))
+    return int(x[-1]) % V
+
+
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+
+
+def calls(backend, kind="chunk"):
+    return [(fn, int(i["current_pos"][0]), i["position_ids"].tolist()) for name, fn, i in backend.calls
+            if kind in name]
+
+
+# --- the masks ---------------------------------------------------------------------------------------------------
+def test_causal_mask_rows_and_dtype():
+    m = causal_mask(5, first=2, rows=2)
+    assert m.shape == (1, 1, 2, 5) and m.dtype == np.float16
+    assert (m[0, 0] == 0).tolist() == [[True, True, True, False, False], [True, True, True, True, False]]
+    assert np.isneginf(m[0, 0, 0, 3])
+    full = causal_mask(3, dtype=np.float32)
+    assert full.shape == (1, 1, 3, 3) and full.dtype == np.float32 and (full[0, 0] == 0).sum() == 6
+
+
+def test_update_mask():
+    m = update_mask(6, 3, 4)
+    assert m.shape == (1, 1, 6, 4) and m.dtype == np.float16
+    assert [tuple(x) for x in np.argwhere(m[0, 0] == 1)] == [(3, 0), (4, 1), (5, 2)]  # row 3 would be past the end
+    assert m.sum() == 3 and update_mask(6, 0, 2, np.float32).dtype == np.float32
+
+
+# --- construction ------------------------------------------------------------------------------------------------
+def test_construction_reads_the_geometry(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path)
+    assert (m.context_length, m.batch_size, m.mask_width, m.num_chunks, m.head, m.vocab_size) == (C, B, C, 1, "logits", V)
+    assert (m.backend, m.name, m.monolithic, m.rotates, m.prefill_rule) == ("stand-in", "toy", False, False, "padded")
+    assert m.history == [] and m.token_evaluations == 0 and m.geometry.hidden_size == H
+    assert repr(m) == f"<ANEModel toy backend=stand-in context={C} batch={B} chunks=1 head=logits>"
+    assert isinstance(m.state, MILState)
+
+
+# --- prefill / infer ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [{}, {"chunks": 2}, {"monolithic": True}, {"version": "0.3.5", "update_mask_prefill": True, "with_update_mask": True},
+                                {"version": "0.3.5", "prefill_dynamic_slice": True}, {"version": "0.3.5"}])
+def test_prefill_then_infer_sees_exactly_the_prompt(monkeypatch, tmp_path, kw):
+    m, backend = make(monkeypatch, tmp_path, **kw)
+    for n in (1, B - 1, B, B + 1, len(PROMPT)):
+        m.reset()
+        m.prefill(PROMPT[:n - 1])
+        assert m.history == PROMPT[:n - 1]
+        assert int(m.infer(PROMPT[n - 1], n - 1).argmax()) == want(PROMPT, n - 1, m.num_chunks or 1)
+        assert m.history == PROMPT[:n]
+    logits = m.infer(7, len(PROMPT))
+    assert logits.shape == (V,) and logits.dtype == np.float32
+    assert logits.argmax() == want(PROMPT + [7], len(PROMPT), m.num_chunks or 1)
+
+
+def test_padded_rule_batches(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path)
+    m.prefill(PROMPT)  # 10 tokens: batches at 0, 4, 8 (the last right-padded with 0)
+    pre = calls(backend)
+    assert pre == [("prefill", p, list(range(p, p + B))) for p in (0, 4, 8)]
+    last = [i for n, fn, i in backend.calls if "chunk" in n][-1]
+    assert last["hidden_states"][0, :, 0].tolist() == [5, 3, 0, 0]
+    assert last["causal_mask"].shape == (1, 1, B, C) and (last["causal_mask"][0, 0] == 0).sum(axis=1).tolist() == [9, 10, 11, 12]
+    assert m.token_evaluations == 3 * B
+    emb = [i["input_ids"].tolist() for n, fn, i in backend.calls if "embeddings" in n]
+    assert emb[0] == [PROMPT[:4]] and emb[2] == [[5, 3, 0, 0]]
+    assert not [n for n, *_ in backend.calls if "lm_head" in n]  # prefill needs no LM head
+
+
+def test_padded_batch_never_runs_past_the_context(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path)
+    seq = list(range(1, C))  # 15 tokens: batches 0, 4, 8, then 12 (not 12..15 past 16: starts at C - B = 12)
+    m.prefill(seq[:13])
+    backend.calls.clear()
+    m.prefill(seq[13:], start=13)  # one token at 13: its batch starts at C - B and re-feeds 12
+    assert calls(backend) == [("prefill", C - B, list(range(C - B, C)))]
+    assert int(m.infer(9, 15).argmax()) == want(seq + [9], 15)
+    m.prefill([], start=15)
+    with pytest.raises(ContextOverflowError, match=f"prefill of 2 tokens from position 15 ends at 17, past the "
+                                                  f"context length {C}; truncate the input"):
+        m.prefill([1, 2], start=15)
+    m.prefill([1], start=15)
+
+
+def test_full_batches_rule(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path, version="0.3.5", prefill_dynamic_slice=True)
+    assert m.prefill_rule == "full_batches"
+    m.prefill(PROMPT)  # full batches at 0 and 4, then 8 and 9 one at a time through infer
+    assert calls(backend) == [("prefill", 0, [0, 1, 2, 3]), ("prefill", 4, [4, 5, 6, 7]), ("infer", 8, [8]),
+                              ("infer", 9, [9])]
+    assert m.token_evaluations == 2 * B + 2
+    assert not [n for n, *_ in backend.calls if "lm_head" in n]
+    backend.calls.clear()
+    m.prefill(PROMPT[:B], start=2)  # from 2: one full batch 2..5
+    assert calls(backend) == [("prefill", 2, [2, 3, 4, 5])]
+
+
+def test_tokens_rule(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path, version="0.3.5")
+    assert m.prefill_rule == "tokens"
+    m.prefill(PROMPT[:5])
+    assert calls(backend) == [("infer", p, [p]) for p in range(5)]
+    assert m.token_evaluations == 5
+
+
+def test_update_mask_is_passed_only_where_declared(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path, version="0.3.5", update_mask_prefill=True, with_update_mask=True)
+    m.prefill(PROMPT[:6], start=0)
+    (name, fn, inputs), = [c for c in backend.calls if c[1] == "prefill"]
+    assert np.array_equal(inputs["update_mask"], update_mask(C, 0, B))
+    assert all("update_mask" not in i for n, fn, i in backend.calls if fn == "infer")
+
+
+def test_rewind_overwrites_without_a_state_copy(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path)
+    m.prefill(PROMPT)
+    other = [7, 7, 7]
+    m.prefill(other, start=3)  # stale slots 6..9 stay in the cache, hidden by the mask
+    assert m.history == PROMPT[:3] + other
+    assert int(m.infer(2, 6).argmax()) == want(PROMPT[:3] + other + [2], 6)
+    state = m.state
+    m.prefill([], start=2)
+    assert m.state is state and m.history == PROMPT[:2]
+    assert int(m.infer(PROMPT[2], 2).argmax()) == want(PROMPT, 2)
+
+
+def test_refusals(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path)
+    m.prefill(PROMPT[:3])
+    with pytest.raises(ValueError, match="^prefill start 4 is beyond the 3 tokens in the cache$"):
+        m.prefill([1], start=4)
+    with pytest.raises(ValueError, match="^prefill start -1 is beyond"):
+        m.prefill([1], start=-1)
+    with pytest.raises(ValueError, match=r"^infer at position 4 needs positions 0..3 in the cache, which holds 3$"):
+        m.infer(1, 4)
+    with pytest.raises(ValueError, match="^infer at position -1"):
+        m.infer(1, -1)
+    m.prefill(list(range(C)))
+    with pytest.raises(ContextOverflowError, match=f"^position {C} is past the context length {C}; truncate"):
+        m.infer(1, C)
+    assert m.history == list(range(C))
+    assert int(m.infer(1, C - 1).argmax()) == want(list(range(C - 1)) + [1], C - 1)
+
+
+def test_reset_forgets_the_prompt(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path)
+    m.prefill(PROMPT)
+    old = m.state
+    m.reset()
+    assert m.history == [] and m.state is not old
+    assert old.read_state(contract.STATE_NAME).any()  # the old one held the prompt
+    assert not m.state.read_state(contract.STATE_NAME).any()
+    assert int(m.infer(5, 0).argmax()) == 5
+
+
+def test_token_evaluations_count_rows_and_tokens(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path)
+    m.prefill(PROMPT[:5])
+    m.infer(1, 5)
+    m.next_token(2, 6)
+    assert m.token_evaluations == 2 * B + 2
+
+
+def test_each_call_is_checked_against_the_declaration(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path)
+    m.prefill(PROMPT[:5])
+    for name, fn, inputs in backend.calls:
+        part = next(p for p in (m.parts.values()) if p.name == name)
+        contract.check_inputs(name, part.signature(fn), inputs)  # what ran is what was declared
+        if "chunk" in name:
+            assert inputs["position_ids"].dtype == np.int32 and inputs["current_pos"].dtype == np.int32
+    # a wrong input never reaches the backend
+    with pytest.raises(ContractError, match=r"toy_lm_head.mlpackage expects hidden_states \(1, 1, 8\) fp16, got "
+                                            r"\(1, 2, 8\) float16; pad to the compiled batch 4"):
+        m._call(m._lm_head, m.parts["lm_head"], None, {"hidden_states": np.zeros((1, 2, H), np.float16)})
+
+
+def test_coreml_boundary_sends_masks_as_float32(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path, boundary=COREML)
+    m.prefill(PROMPT[:5])
+    assert int(m.infer(2, 5).argmax()) == want(PROMPT[:5] + [2], 5)
+    assert {i["causal_mask"].dtype for n, fn, i in backend.calls if "chunk" in n} == {np.dtype(np.float32)}
+    m, backend = make(monkeypatch, tmp_path)
+    m.prefill(PROMPT[:5])
+    assert {i["causal_mask"].dtype for n, fn, i in backend.calls if "chunk" in n} == {np.dtype(np.float16)}
+
+
+def test_monolithic_calls(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path, monolithic=True)
+    assert m.monolithic and repr(m).endswith("monolithic head=logits>")
+    m.prefill(PROMPT[:5])
+    m.infer(1, 5)
+    assert [(n, fn, i["input_ids"].tolist()) for n, fn, i in backend.calls] == [
+        ("toy_monolithic.mlpackage", "prefill", [PROMPT[:4]]),
+        ("toy_monolithic.mlpackage", "prefill", [[5, 0, 0, 0]]),
+        ("toy_monolithic.mlpackage", "infer", [[1]])]
+
+
+@pytest.mark.parametrize("monolithic", [False, True])
+def test_argmax_head(monkeypatch, tmp_path, monolithic):
+    m, backend = make(monkeypatch, tmp_path, argmax=True, monolithic=monolithic)
+    assert m.head == "argmax" and m.vocab_size == V
+    m.prefill(PROMPT[:5])
+    with pytest.raises(NoLogitsError, match="^toy: the LM head returns only the argmax"):
+        m.infer(1, 5)
+    for tok in (1, 20):  # one token in each vocabulary chunk
+        assert m.next_token(tok, 5) == want(PROMPT[:5] + [tok], 5)
+
+
+def test_next_token_on_a_logits_head(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path)
+    m.prefill(PROMPT[:5])
+    assert m.next_token(20, 5) == want(PROMPT[:5] + [20], 5)
+
+
+@pytest.mark.parametrize("idx, val, message", [
+    ([1, 2, 3], [0, 1, 0], "the LM head returned 3 argmax pairs for 2 vocabulary chunks"),
+    ([0, 1], [0, 1, 0], "the LM head returned 2 argmax pairs for 2 vocabulary chunks"),
+    ([0, HALF], [0, 1], f"argmax_idx {HALF} of vocabulary chunk 1 is outside its {HALF} entries"),
+    ([-1, 0], [1, 0], f"argmax_idx -1 of vocabulary chunk 0 is outside its {HALF} entries")])
+def test_next_token_refuses_a_malformed_argmax(monkeypatch, tmp_path, idx, val, message):
+    m, backend = make(monkeypatch, tmp_path, argmax=True)
+    monkeypatch.setattr(Predictor, "head", lambda self, h: {"argmax_idx": np.array(idx, np.int32),
+                                                           "argmax_val": np.array(val, np.float16)})
+    with pytest.raises(ContractError, match=f"^toy: {message}$"):
+        m.next_token(1, 0)
+
+
+def test_argmax_ties_go_to_the_first_chunk(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path, argmax=True)
+    monkeypatch.setattr(Predictor, "head", lambda self, h: {"argmax_idx": np.array([3, 4], np.int32),
+                                                           "argmax_val": np.array([1, 1], np.float16)})
+    assert m.next_token(1, 0) == 3
+    monkeypatch.setattr(Predictor, "head", lambda self, h: {"argmax_idx": np.array([3, 4], np.int32),
+                                                           "argmax_val": np.array([1, 2], np.float16)})
+    assert m.next_token(1, 0) == HALF + 4
+
+
+def test_resolve_model():
+    assert model_mod.resolve_model("some/dir") == Path("some/dir")
+
+
+# --- pinned down by mutation testing -----------------------------------------------------------------------------
+def test_construction_learns_the_hidden_size_from_one_embedding(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path)
+    (name, fn, inputs), = m.construction_calls
+    assert name == "toy_embeddings.mlpackage" and inputs["input_ids"].dtype == np.int32
+    assert inputs["input_ids"].shape == (1, 1)
+    monkeypatch.setattr(contract, "cross_check", lambda *a, **k: (_ for _ in ()).throw(AssertionError(k)))
+    with pytest.raises(AssertionError, match="'embeddings_width': 8"):
+        make(monkeypatch, tmp_path)
+
+
+def test_every_call_goes_through_the_input_check(monkeypatch, tmp_path):
+    for kw in ({}, {"monolithic": True}, {"version": "0.3.5"}):
+        m, backend = make(monkeypatch, tmp_path, **kw)
+        checked, real = [], contract.check_inputs
+
+        def check(where, signature, inputs, hints=None, boundary=NATIVE):
+            checked.append((where, signature, boundary))
+            return real(where, signature, inputs, hints, boundary)
+
+        monkeypatch.setattr(contract, "check_inputs", check)
+        m.prefill(PROMPT[:5])
+        m.infer(1, 5)
+        part = {p.name: p for p in m.parts.values()}
+        assert [(w, s) for w, s, _ in checked] == [
+            (f"{n} {fn}" if fn != "main" else n, part[n].signature(fn)) for n, fn, _ in backend.calls]
+        assert {b for *_, b in checked} == {NATIVE}
+        monkeypatch.setattr(contract, "check_inputs", real)
+
+
+@pytest.mark.parametrize("boundary", [NATIVE, COREML])
+def test_compiled_chunks_take_the_update_mask_meta_yaml_promises(monkeypatch, tmp_path, boundary):
+    m, backend = make(monkeypatch, tmp_path, boundary, compiled=("chunk01",), version="0.3.5",
+                      update_mask_prefill=True, with_update_mask=True)
+    m.prefill(PROMPT[:6])
+    chunk_calls = [(fn, i) for n, fn, i in backend.calls if "chunk" in n]
+    assert [fn for fn, _ in chunk_calls] == ["prefill", "infer", "infer"]
+    mask = chunk_calls[0][1]["update_mask"]
+    assert mask.dtype == boundary.fp16_dtypes[0] and np.array_equal(mask, update_mask(C, 0, B))
+    assert all("update_mask" not in i for fn, i in chunk_calls[1:])
+    assert int(m.infer(2, 6).argmax()) == want(PROMPT[:6] + [2], 6)
+
+
+def test_next_token_maps_local_index_zero(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path, argmax=True)
+    monkeypatch.setattr(Predictor, "head", lambda self, h: {"argmax_idx": np.array([5, 0], np.int32),
+                                                           "argmax_val": np.array([0, 1], np.float16)})
+    assert m.next_token(1, 0) == HALF
+
+
+def test_infer_on_an_argmax_head_says_what_to_use(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path, argmax=True)
+    with pytest.raises(NoLogitsError) as e:
+        m.infer(1, 0)
+    assert str(e.value) == ("toy: the LM head returns only the argmax of each vocabulary chunk (argmax_in_model), no "
+                            "logits; use next_token for greedy decoding")
+
+
+def test_resolve_model_demo(monkeypatch):
+    from ane_eval import demo
+    monkeypatch.setattr(demo, "model_dir", lambda: Path("/built/demo"))
+    assert model_mod.resolve_model("demo") == Path("/built/demo")
+    assert model_mod.resolve_model(Path("demo")) == Path("/built/demo")
