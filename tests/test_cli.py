@@ -151,22 +151,23 @@ def test_resume_with_cache(demo_dir, tmp_path):
     tm = runner.task_manager()
     model = ane_eval.load_model(demo_dir, backend="mil")
     cache = str(tmp_path / "cache")
-    reference = runner.evaluate(ANELM(model=model), ["demo_arc_easy"], tm, limit=16)
-    full_cost = model.token_evaluations
+    original = model.infer
+    calls = {"n": 0, "die_after": None}
 
     class Killed(BaseException):
         pass
 
-    calls = {"n": 0}
-    original = model.infer
-
-    def dying_infer(token, pos):
+    def counted_infer(token, pos):
         calls["n"] += 1
-        if calls["n"] > 40:
+        if calls["die_after"] is not None and calls["n"] > calls["die_after"]:
             raise Killed()
         return original(token, pos)
 
-    model.infer = dying_infer
+    model.infer = counted_infer
+    reference = runner.evaluate(ANELM(model=model), ["demo_arc_easy"], tm, limit=16)
+    full_cost = model.token_evaluations
+    assert calls["n"] > 4, calls
+    calls.update(die_after=calls["n"] // 2, n=0)  # killed halfway through the infers the full run made
     with pytest.raises(Killed):
         runner.evaluate(ANELM(model=model), ["demo_arc_easy"], tm, limit=16, use_cache=cache)
     model.infer = original
