@@ -55,7 +55,7 @@ def part_paths(bundle) -> dict:
         return {MONOLITHIC: bundle.monolithic}
     paths = {"embeddings": bundle.embeddings}
     paths.update({f"chunk{i:02d}": p for i, p in enumerate(bundle.chunks, start=1)})
-    paths.update({f"chunk{i:02d}_rot": p for i, p in enumerate(getattr(bundle, "rotate_chunks", []), start=1)})
+    paths.update({f"chunk{i:02d}_rot": p for i, p in enumerate(bundle.rotate_chunks, start=1)})
     paths["lm_head"] = bundle.lm_head
     return paths
 
