@@ -105,3 +105,47 @@ def test_inspect_reports_resident_bytes(capsys):
     assert all(p["resident_bytes"]["fp16"] > 0 for p in card["parts"])
     assert sum(p["resident_bytes"]["fp16"] for p in card["parts"]) == r["fp16"]["weights"]
     assert "resident in the portable runtime" in format_card(card)
+
+
+def mapped_kib(path) -> int | None:
+    """Resident KiB of this process's mappings of `path` (/proc/self/smaps), None where there is no smaps."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    total, inside = 0, False
+    for line in lines:
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's header line: range perms off dev inode [path]
+            inside = len(head) >= 6 and head[5] == str(path)
+        elif inside and head[0] == "Rss:":
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_embedding_rows_become_resident_only_when_gathered(tmp_path, precision):
+    """fp16 mode gathers from the stored table where the weight file's pages lie (blob.BlobFile.view), so a tied
+    128k-row table costs what the prompts touch, not 0.5 GB; fp32 mode widens it into memory of its own, reading
+    the file without leaving its pages mapped. The demo's table is 1024 rows of 128 fp16 values (256 KiB); Linux
+    maps a file's cached pages 64 KiB at a time around the one touched (fault_around_bytes), so reading the header
+    maps the first 64 KiB and gathering a row far from it 64 KiB more."""
+    from ane_eval import mil
+
+    package = shutil.copytree(next(demo.model_dir().glob("*_embeddings.mlpackage")), tmp_path / "e.mlpackage")
+    weights = (package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").resolve()
+    emb = mil.load(package, precision=precision)
+    before = mapped_kib(weights)
+    if before is None:
+        pytest.skip("no /proc/self/smaps on this system")
+    out = emb.predict({"input_ids": np.array([[5]], np.int32)})["hidden_states"]
+    far = emb.predict({"input_ids": np.array([[1000]], np.int32)})["hidden_states"]
+    after = mapped_kib(weights)
+    # measured: 64 KiB, then 132 (fp16) or 64 (fp32); the whole table would be >= 256
+    if precision == "fp16":  # gathered from the mapping (a copy in memory of its own would leave it at 64)
+        assert before <= 64 < after <= 136
+    else:
+        assert before <= 64 and after == before
+    wide = mil.load(package, precision="fp32")
+    for token, got in ((5, out), (1000, far)):
+        np.testing.assert_array_equal(got, wide.predict({"input_ids": np.array([[token]], np.int32)})["hidden_states"])

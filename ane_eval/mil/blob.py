@@ -8,6 +8,7 @@ anything is read or allocated.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -35,7 +36,11 @@ class BlobError(ir.ModelFormatError):
 
 
 class BlobFile:
-    """One weight file, opened lazily; `read(offset, dtype, shape)` returns a fresh numpy array."""
+    """One weight file. `read(offset, dtype, shape)` returns a fresh numpy array; `view(...)` the values where the
+    file's pages lie (memory-mapped, copy-on-write): nothing is read until touched and untouched rows never become
+    resident — an embedding table is gathered from a few rows at a time — and the pages are the page cache's, shared
+    with every other process reading the file (CoreML maps its weights too). As with any mapped file, shrinking the
+    file while a model uses it is an error the operating system signals (SIGBUS), not one this reader can report."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -46,21 +51,33 @@ class BlobFile:
         if self.size < 64:
             raise BlobError(f"{self.path}: weight file is {self.size} bytes, shorter than its 64-byte header; "
                             "the model is truncated or corrupt: re-export or re-download it")
-        with open(self.path, "rb") as fh:
-            self.count, self.version = HEADER.unpack(fh.read(HEADER.size))
+        self._mapped: mmap.mmap | None = None
+        self.count, self.version = HEADER.unpack_from(self._map())
         if self.version != 2:
             raise BlobError(f"{self.path}: blob storage version {self.version}, expected 2")
+
+    def _map(self) -> mmap.mmap:
+        if self._mapped is None:
+            try:
+                with open(self.path, "rb") as fh:
+                    # ACCESS_COPY: arrays over it are writable (torch takes them without a warning) and a write,
+                    # which no kernel makes, would change this process's copy of a page, never the file
+                    self._mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as e:
+                raise BlobError(f"{self.path}: cannot map weight file ({e})") from None
+            if len(self._mapped) != self.size:
+                raise BlobError(f"{self.path}: weight file changed size while being opened; reload the model")
+        return self._mapped
 
     def _fail(self, offset: int, what: str) -> BlobError:
         return BlobError(f"{self.path}: blob at offset {offset}: {what}; the weight file is truncated or corrupt: "
                          "re-export or re-download the model")
 
-    def _record(self, fh, offset: int) -> tuple[int, int, int]:
+    def _record(self, offset: int) -> tuple[int, int, int]:
         """(blob dtype, size in bytes, data offset) of the record at `offset`, checked against the file."""
         if offset < 64 or offset % 64 or offset + RECORD.size > self.size:
             raise self._fail(offset, f"record offset outside the file ({self.size} bytes) or not 64-byte aligned")
-        fh.seek(offset)
-        sentinel, blob_dtype, nbytes, data_offset, _padding = RECORD.unpack(fh.read(RECORD.size))
+        sentinel, blob_dtype, nbytes, data_offset, _padding = RECORD.unpack_from(self._map(), offset)
         if sentinel != SENTINEL:
             raise self._fail(offset, f"bad sentinel 0x{sentinel:08X} (expected 0xDEADBEEF)")
         if blob_dtype not in BLOB_DTYPES:
@@ -73,30 +90,60 @@ class BlobFile:
     def records(self):
         """(blob dtype name, element count) of every blob in the file, from the records alone (no data read)."""
         offset = 64
-        with open(self.path, "rb") as fh:
-            for _ in range(self.count):
-                blob_dtype, nbytes, data_offset = self._record(fh, offset)
-                yield COMPATIBLE[blob_dtype], nbytes * 8 // BLOB_DTYPES[blob_dtype][1]
-                offset = -(-(data_offset + nbytes) // 64) * 64
+        for _ in range(self.count):
+            blob_dtype, nbytes, data_offset = self._record(offset)
+            yield COMPATIBLE[blob_dtype], nbytes * 8 // BLOB_DTYPES[blob_dtype][1]
+            offset = -(-(data_offset + nbytes) // 64) * 64
+
+    def _locate(self, offset: int, dtype: str, shape: tuple) -> tuple[int, int, object, int, int]:
+        """(data offset, bytes, numpy dtype or packed-type name, bits per element, element count) of the blob at
+        `offset`, checked to hold `shape` values of `dtype`."""
+        blob_dtype, nbytes, data_offset = self._record(offset)
+        if COMPATIBLE[blob_dtype] != dtype:
+            raise self._fail(offset, f"holds {COMPATIBLE[blob_dtype]} data but the program declares {dtype}")
+        np_dtype, bits = BLOB_DTYPES[blob_dtype]
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        need = (count * bits + 7) // 8
+        if nbytes < need:
+            raise self._fail(offset, f"data of {nbytes} bytes at {data_offset} does not hold {count} "
+                                     f"{dtype} values ({need} bytes) inside the file ({self.size} bytes)")
+        return data_offset, need, np_dtype, bits, count
+
+    def view(self, offset: int, dtype: str, shape: tuple) -> np.ndarray:
+        """The values in place (see the class), for byte-sized and wider types; packed and bf16 blobs, which are
+        converted anyway, and data misaligned for its type come back as a fresh array."""
+        data_offset, need, np_dtype, _, _ = self._locate(offset, dtype, shape)
+        if isinstance(np_dtype, str) or data_offset % np.dtype(np_dtype).itemsize:
+            return self.read(offset, dtype, shape)
+        return np.frombuffer(self._map(), np_dtype, count=need // np.dtype(np_dtype).itemsize,
+                             offset=data_offset).reshape(shape)
 
     def read(self, offset: int, dtype: str, shape: tuple) -> np.ndarray:
-        with open(self.path, "rb") as fh:
-            blob_dtype, nbytes, data_offset = self._record(fh, offset)
-            if COMPATIBLE[blob_dtype] != dtype:
-                raise self._fail(offset, f"holds {COMPATIBLE[blob_dtype]} data but the program declares {dtype}")
-            np_dtype, bits = BLOB_DTYPES[blob_dtype]
-            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-            need = (count * bits + 7) // 8
-            if nbytes < need:
-                raise self._fail(offset, f"data of {nbytes} bytes at {data_offset} does not hold {count} "
-                                         f"{dtype} values ({need} bytes) inside the file ({self.size} bytes)")
-            fh.seek(data_offset)
-            raw = np.frombuffer(fh.read(need), dtype=np.uint8)
+        """The values in fresh memory, read from the file without touching its mapping: a value read once (a
+        LUT's indices, a weight widened to float32) leaves nothing resident."""
+        data_offset, need, np_dtype, bits, count = self._locate(offset, dtype, shape)
+        raw = np.empty(need, np.uint8)
+        self._pread(raw, data_offset)
         if np_dtype == "bf16":
             return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
         if isinstance(np_dtype, str):  # sub-byte
             return unpack_bits(raw, bits, count, signed=np_dtype == "int4").reshape(shape)
-        return raw.view(np_dtype).reshape(shape).copy()
+        return raw.view(np_dtype).reshape(shape)
+
+    def read_into(self, offset: int, dtype: str, out: np.ndarray) -> None:
+        """read(offset, dtype, out.shape) written into `out`: for `out` C-contiguous and of the blob's own numpy
+        dtype, straight from the file (no second copy)."""
+        data_offset, _, np_dtype, _, _ = self._locate(offset, dtype, out.shape)
+        if isinstance(np_dtype, str) or out.dtype != np_dtype or not out.flags.c_contiguous:
+            out[...] = self.read(offset, dtype, out.shape)
+        else:
+            self._pread(out.reshape(-1).view(np.uint8), data_offset)
+
+    def _pread(self, dest: np.ndarray, data_offset: int) -> None:
+        with open(self.path, "rb") as fh:
+            fh.seek(data_offset)
+            if fh.readinto(memoryview(dest)) != dest.size:
+                raise self._fail(data_offset, "the file ended early (it changed while being read)")
 
 
 def reference(root: Path, file_name: str, offset: int, t: ir.TensorType) -> ir.BlobRef:

@@ -71,23 +71,23 @@ class ConstStore:
         key = source + (stored,)
         if key in self.values:
             return self.values[key]
-        if isinstance(v, ir.StackedBlobs):  # part by part into one array: no second copy of the parts
+        if isinstance(v, ir.StackedBlobs):  # part by part into one array, each read straight into its rows
             value, row = np.empty(v.type.shape, np.float16 if stored and v.type.dtype == "fp16" else np.float32), 0
             for ref in v.parts:
-                part = self._read(ref, stored=True)
-                value[row:row + len(part)] = part  # fp16 -> float32 is exact
-                row += len(part)
+                self._file(ref).read_into(ref.offset, ref.type.dtype, value[row:row + ref.type.shape[0]])
+                row += ref.type.shape[0]  # fp16 into float32 rows: widened, exactly
+        elif stored and keep:  # held as the file holds it: the file's pages themselves (blob.BlobFile.view)
+            value = self._file(v).view(v.offset, v.type.dtype, v.type.shape)
         else:
-            value = self._read(v, stored)
+            value = compute_form(self._file(v).read(v.offset, v.type.dtype, v.type.shape))
         if keep:
             self.values[key] = value
         return value
 
-    def _read(self, ref: ir.BlobRef, stored: bool) -> np.ndarray:
+    def _file(self, ref: ir.BlobRef) -> BlobFile:
         if ref.path not in self.files:
             self.files[ref.path] = BlobFile(ref.path)
-        value = self.files[ref.path].read(ref.offset, ref.type.dtype, ref.type.shape)
-        return value if stored else compute_form(value)
+        return self.files[ref.path]
 
     def fold(self, key: tuple | None, compute):
         """Decompress once per package: infer and prefill share the dequantized weights when their inputs are
