@@ -22,6 +22,7 @@ Two ways, both computing the op in float32 from fp16 operands (CoreML's fp16 sem
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -65,7 +66,7 @@ def _blocked(w: np.ndarray, x: np.ndarray) -> np.ndarray:
             fp16.widen_into(block, w[start:start + n])
             np.matmul(block, x, out=out[start:start + n])
 
-    workers = _workers()
+    workers = _workers(os.getpid())
     # one thread each for the conversion and for BLAS: the workers are the parallelism (see fp16.single_threaded).
     # One product at a time: each uses every core, and the thread limits are process-wide settings that two
     # overlapping products would restore out of order
@@ -92,7 +93,8 @@ class _Workers:
 
 
 @functools.cache
-def _workers() -> _Workers:
+def _workers(pid: int) -> _Workers:
+    """Per process: a forked child inherits the pool but not its threads, and would wait on them forever."""
     return _Workers()
 
 

@@ -11,13 +11,15 @@ import time
 
 import numpy as np
 
-from .test_runtime_bench import ane_decode, ane_prefill, best_of, hf_decode, hf_model, hf_prefill
+from .test_runtime_bench import ane_decode, ane_prefill, best_of, hf_decode, hf_model, hf_prefill, \
+    hf_prefill_in_batches
 
 
-def measure(side: str, path: str, prompt_len: int, decode_prompt: int, decode: int, rounds: int) -> dict:
+def measure(side: str, path: str, prompt_len: int, decode_prompt: int, decode: int, rounds: int, batch: int) -> dict:
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(2, 30000, prompt_len)]
     short = prompt[:decode_prompt]
+    extra = {}
     t = time.perf_counter()
     if side == "mil":
         import ane_eval
@@ -31,11 +33,12 @@ def measure(side: str, path: str, prompt_len: int, decode_prompt: int, decode: i
         load = time.perf_counter() - t
         prefill, decode_n, decode_0 = hf_prefill(model, prompt), hf_decode(model, short, decode), \
             hf_decode(model, short, 0)
+        extra["prefill_in_batches_s"] = best_of(hf_prefill_in_batches(model, prompt, batch), rounds)
     prefill_s = best_of(prefill, rounds)
     # per generated token: the short prompt's prefill timed alone and subtracted
     decode_s = (best_of(decode_n, rounds) - best_of(decode_0, rounds)) / decode
     return {"side": side, "load_s": load, "prefill_s": prefill_s, "prefill_tokens": prompt_len,
-            "decode_s_per_token": decode_s, "peak_rss_bytes": peak_rss()}
+            "decode_s_per_token": decode_s, "peak_rss_bytes": peak_rss(), **extra}
 
 
 def peak_rss() -> int:
@@ -58,8 +61,9 @@ def main(argv=None) -> None:
     p.add_argument("--decode-prompt", type=int, default=64)
     p.add_argument("--decode", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch", type=int, default=64, help="torch: also prefill in batches of this many tokens")
     a = p.parse_args(argv)
-    print(json.dumps(measure(a.side, a.path, a.prompt, a.decode_prompt, a.decode, a.rounds)))
+    print(json.dumps(measure(a.side, a.path, a.prompt, a.decode_prompt, a.decode, a.rounds, a.batch)))
     sys.stdout.flush()
 
 

@@ -80,7 +80,8 @@ def alternating(mil, torch, passes: int = 2) -> tuple[dict, dict]:
         runs["torch"].append(torch())
 
     def best(rs):
-        out = {k: min(r[k] for r in rs) for k in ("load_s", "prefill_s", "decode_s_per_token")}
+        out = {k: min(r[k] for r in rs) for k in ("load_s", "prefill_s", "decode_s_per_token",
+                                                   "prefill_in_batches_s") if k in rs[0]}
         return {**rs[0], **out, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs)}
     return best(runs["mil"]), best(runs["torch"])
 
@@ -120,6 +121,10 @@ def report(name: str, mil: dict, hf: dict, params: int, bandwidth: dict) -> dict
         "prefill_tok_s_mil": mil["prefill_tokens"] / mil["prefill_s"],
         "prefill_tok_s_torch": hf["prefill_tokens"] / hf["prefill_s"],
         "prefill_ratio": hf["prefill_s"] / mil["prefill_s"],
+        # torch under the protocol a converted model imposes (the prompt in batches of the compiled size, each
+        # attending to the cache of the ones before): what the batch size alone costs
+        "prefill_tok_s_torch_in_batches": hf["prefill_tokens"] / hf["prefill_in_batches_s"],
+        "prefill_ratio_vs_torch_in_batches": hf["prefill_in_batches_s"] / mil["prefill_s"],
         "decode_tok_s_mil": 1 / mil["decode_s_per_token"], "decode_tok_s_torch": 1 / hf["decode_s_per_token"],
         "decode_ratio": hf["decode_s_per_token"] / mil["decode_s_per_token"],
         # a decode step reads every weight once (the embedding table: one row): bandwidth over those bytes
@@ -135,8 +140,12 @@ def report(name: str, mil: dict, hf: dict, params: int, bandwidth: dict) -> dict
 def test_llama_1b_runtime_vs_torch(benchmark):
     ckpt, model = built("fp16")
     bandwidth = gemv_bandwidth()
-    mil, hf = alternating(lambda: run_side("mil", model, rounds=1), lambda: run_side("torch", ckpt, rounds=1))
+    mil, hf = alternating(lambda: run_side("mil", model, rounds=1),
+                          lambda: run_side("torch", ckpt, rounds=1, batch=BUILD["batch_size"]))
     info = report("llama-1b", mil, hf, params_of(LLAMA_1B), bandwidth)
+    # peak memory is not timing noise: asserted (held as stored, the weights are 0.5x their float32 bytes; the
+    # embedding table is resident only where gathered)
+    assert info["peak_rss_over_fp32_weights_mil"] <= TARGETS["peak_rss_over_fp32_weights"]
     if os.environ.get("ANE_EVAL_BENCH_LUT"):  # LUT4 FFN / LUT6 head: k-means palettization of 1B weights is slow
         _, lut = built("lut4-6", lut_ffn=4, lut_lmhead=6)
         lut_mil = run_side("mil", lut)
