@@ -212,13 +212,15 @@ def test_ops_without_value_inference_match_formulas():
     np.testing.assert_allclose(silu, torch.nn.functional.silu(torch.tensor(x)).numpy(), rtol=1e-6, atol=1e-6)
 
 
-def test_constexpr_lut_to_dense_grouped_channels():
-    """iOS18 form as the palettizer writes it: LUT (Cout/8, 1, 1, 1, 2^n, 1), one LUT per 8 output channels."""
+@pytest.mark.parametrize("in_groups", [1, 3], ids=["per-grouped-channel", "blockwise"])
+def test_constexpr_lut_to_dense_grouped_channels(in_groups):
+    """iOS18 form as the palettizer writes it: LUT (Cout/8, 1, 1, 1, 2^n, 1), one LUT per 8 output channels (the
+    kernel's block-by-block path), and LUTs per input-channel block too (its general path)."""
     import coremltools as ct
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.mil import types
 
-    lut = rng.standard_normal((2, 1, 1, 1, 16, 1)).astype(np.float16)
+    lut = rng.standard_normal((2, in_groups, 1, 1, 16, 1)).astype(np.float16)
     indices = rng.integers(0, 16, (16, 3, 1, 1)).astype(types.np_uint4_dtype)
     ours = run("constexpr_lut_to_dense", indices=indices.astype(np.uint8), lut=lut.astype(np.float32))
     box = {}
@@ -229,7 +231,8 @@ def test_constexpr_lut_to_dense_grouped_channels():
         return dummy
 
     np.testing.assert_array_equal(ours, box["v"].op.materialized_val_inference().astype(np.float32))
-    expected = np.stack([lut[c // 8, 0, 0, 0, indices[c].astype(int), 0] for c in range(16)])
+    expected = np.stack([[lut[c // 8, i * in_groups // 3, 0, 0, indices[c, i].astype(int), 0] for i in range(3)]
+                         for c in range(16)])
     np.testing.assert_array_equal(ours, expected.astype(np.float32))
 
 
@@ -420,3 +423,22 @@ def _product_or_fail(w, x, want):
     from ane_eval.mil import gemm
 
     os._exit(0 if np.array_equal(gemm.weight_product(w, x), want) else 1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])
+def test_unpack_bits_matches_bit_by_bit_unpacking(bits):
+    """Packed sub-byte values (MIL blob storage: LSB first) against numpy's own bit-by-bit unpacking, for counts
+    that fill and that do not fill the last byte; int4 also signed."""
+    from ane_eval.mil.blob import unpack_bits
+
+    for count in (1, 7, 8, 9, 1001):
+        raw = rng.integers(0, 256, (count * bits + 7) // 8).astype(np.uint8)
+        bit_array = np.unpackbits(raw, bitorder="little")[:count * bits].reshape(count, bits)
+        want = (bit_array.astype(np.int64) << np.arange(bits)).sum(axis=1)
+        got = unpack_bits(raw, bits, count)
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, want)
+        if bits == 4:
+            signed = unpack_bits(raw, bits, count, signed=True)
+            assert signed.dtype == np.int8
+            np.testing.assert_array_equal(signed, np.where(want >= 8, want - 16, want))
