@@ -743,3 +743,35 @@ def test_update_mask_follows_the_declaration_not_meta_yaml(monkeypatch, tmp_path
     assert [(fn, "update_mask" in i) for n, fn, i in backend.calls if "chunk" in n] == [
         ("prefill", False), ("infer", False), ("infer", False)]
     assert int(m.infer(2, 6).argmax()) == want(PROMPT[:6] + [2], 6)
+
+
+def test_defaults_and_load_model(monkeypatch, tmp_path):
+    make(monkeypatch, tmp_path)  # the stand-in in place
+    asked, stand_in = [], model_mod.select
+
+    def select(name, precision, compute_units):
+        asked.append((name, precision, compute_units))
+        return stand_in("stand-in", precision, compute_units)
+
+    monkeypatch.setattr(model_mod, "select", select)
+    assert ANEModel(str(tmp_path)).precision == "fp16"
+    m = model_mod.load_model(str(tmp_path))
+    assert isinstance(m, ANEModel) and m.name == "toy"
+    model_mod.load_model(str(tmp_path), backend="mine", precision="fp32", compute_units="CPU_ONLY")
+    assert asked == [("auto", "fp16", "CPU_AND_NE")] * 2 + [("mine", "fp32", "CPU_ONLY")]
+
+
+def test_input_errors_name_the_fix(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path)
+    infer, part = m._chunks[0]["infer"]
+    good = {"hidden_states": np.zeros((1, 1, H), np.float16), "position_ids": np.zeros(1, np.int32),
+            "causal_mask": causal_mask(C, 0, 1), "current_pos": np.zeros(1, np.int32)}
+    for name, hint in [("position_ids", "position_ids are int32"), ("current_pos", "current_pos is int32 (1,)"),
+                       ("causal_mask", f"the mask is fp16 (1, 1, rows, {C})")]:
+        bad = {**good, name: good[name].astype(np.int64 if name != "causal_mask" else np.float32)}
+        with pytest.raises(ContractError, match=f"^toy_FFN_PF_chunk_01of01.mlpackage infer expects {name} .*; "
+                                                f"{hint.replace('(', '.').replace(')', '.')}$"):
+            m._call(infer, part, "infer", bad)
+    with pytest.raises(ContractError, match=r"^toy_embeddings.mlpackage expects input_ids .*; input_ids are int32 "
+                                            rf"of shape \(1, 1\) or \(1, {B}\)$"):
+        m._call(m._embeddings, m.parts["embeddings"], None, {"input_ids": np.zeros((1, 1), np.int64)})
