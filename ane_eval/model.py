@@ -227,7 +227,6 @@ class ANEModel:
         if self.rotates and self._next > self.bundle.layout.sliding_window and pos != self._next:
             prefix = self._history[:pos]
             self._state = self._chunks[0]["prefill"][0].make_state()
-            self._next = 0
             self._feed(0, len(prefix), prefix)
         self._next = pos
 

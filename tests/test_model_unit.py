@@ -15,12 +15,14 @@ local cache of SW slots, then a full-attention layer over a global cache of C sl
 shift the local cache as the converters build them (see `Predictor.gemma3`). Its answer is then right only if the
 driver called each function at the positions it is built for.
 """
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ane_eval import contract, model as model_mod
+from ane_eval import contract, memory, model as model_mod
 from ane_eval.bundle import Bundle
 from ane_eval.contract import COREML, NATIVE, ContractError, Part
 from ane_eval.meta import Layout
@@ -228,7 +230,7 @@ class Backend:
         return Predictor(self, part, function_name if function_name is not None else part.default_function)
 
 
-def make(monkeypatch, tmp_path, boundary=NATIVE, compiled=(), built=None, **kw):
+def make(monkeypatch, tmp_path, boundary=NATIVE, compiled=(), built=None, precision="fp32", **kw):
     """The model over the stand-in; `compiled`: roles whose declarations are unreadable (contract gives None);
     `built`: (bundle, parts) instead of `build(tmp_path, **kw)`."""
     b, parts = built or build(tmp_path, **kw)
@@ -239,8 +241,8 @@ def make(monkeypatch, tmp_path, boundary=NATIVE, compiled=(), built=None, **kw):
         asked.append((name, precision, compute_units))
         return backend
 
-    def discover(path, backend):
-        assert (path, backend) == (Path(str(tmp_path)), "stand-in")
+    def discover(path, **kw):
+        assert (path, kw) == (Path(str(tmp_path)), {"backend": backend.name})
         return b
 
     monkeypatch.setattr(model_mod, "select", select)
@@ -248,8 +250,8 @@ def make(monkeypatch, tmp_path, boundary=NATIVE, compiled=(), built=None, **kw):
     monkeypatch.setattr(model_mod, "load_tokenizer", lambda bundle: list(range(V)) if bundle is b else None)
     seen = {role: None if role in compiled else p for role, p in parts.items()}
     monkeypatch.setattr(contract, "describe_parts", lambda bundle: seen if bundle is b else None)
-    m = ANEModel(str(tmp_path), backend="stand-in", precision="fp32", compute_units="CPU_ONLY")
-    assert asked == [("stand-in", "fp32", "CPU_ONLY")] and m.precision == "fp32"
+    m = ANEModel(str(tmp_path), backend="stand-in", precision=precision, compute_units="CPU_ONLY")
+    assert asked == [("stand-in", precision, "CPU_ONLY")] and m.precision == precision
     m.construction_calls = list(backend.calls)
     backend.calls.clear()
     return m, backend
@@ -775,3 +777,54 @@ def test_input_errors_name_the_fix(monkeypatch, tmp_path):
     with pytest.raises(ContractError, match=r"^toy_embeddings.mlpackage expects input_ids .*; input_ids are int32 "
                                             rf"of shape \(1, 1\) or \(1, {B}\)$"):
         m._call(m._embeddings, m.parts["embeddings"], None, {"input_ids": np.zeros((1, 1), np.int64)})
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_the_portable_runtime_refuses_a_model_that_cannot_fit(monkeypatch, tmp_path, precision):
+    """On the portable runtime ("mil") the model is sized before anything runs (memory.py, with its own tests in
+    tests/test_memory.py): the toy's parts have no weight files, so it holds its one state."""
+    monkeypatch.setattr(Backend, "name", "mil")
+    state = 2 * 1 * C * 4 * (2 if precision == "fp16" else 4)
+    monkeypatch.setattr(memory, "available_bytes", lambda: state)
+    m, backend = make(monkeypatch, tmp_path, precision=precision)
+    assert m.resident_bytes == {"embeddings": 0, "chunk01": 0, "lm_head": 0, "state": state, "total": state}
+    monkeypatch.setattr(memory, "available_bytes", lambda: state - 1)
+    with pytest.raises(memory.InsufficientMemoryError, match=rf"^{tmp_path} \({precision}, portable runtime\) needs "):
+        make(monkeypatch, tmp_path, precision=precision)
+
+
+def test_each_part_keeps_its_last_inputs_alive(monkeypatch, tmp_path):
+    """CoreML releases the buffers it was given later, on its own queue (ANEModel._call): each part's inputs stay
+    referenced until that part is called again, and are released then."""
+    m, backend = make(monkeypatch, tmp_path, chunks=2)
+    refs, predict = [], Predictor.predict
+
+    def recording(self, inputs, state=None):
+        refs.append((id(self), {k: weakref.ref(v) for k, v in inputs.items()}))
+        return predict(self, inputs, state)
+
+    monkeypatch.setattr(Predictor, "predict", recording)
+    m.prefill(PROMPT[:9])
+    m.infer(1, 9)
+    gc.collect()
+    last = {p: i for i, (p, _) in enumerate(refs)}
+    assert len(last) == 6  # embeddings, each chunk's prefill and infer, the head
+    for i, (p, r) in enumerate(refs):
+        alive = [w() is not None for w in r.values()]
+        assert alive == [last[p] == i] * len(alive), (i, alive)
+
+
+def test_the_mask_is_attention_size_wide(monkeypatch, tmp_path):
+    """0.3.5's attention_size: the causal mask's width, which may exceed the context length (chat.py parse_args
+    reads both)."""
+    b, parts = build(tmp_path, version="0.3.5", prefill_dynamic_slice=True, attention_size=C)
+    b.meta["context_length"] = C - B
+    m, backend = make(monkeypatch, tmp_path, built=(b, parts))
+    assert (m.context_length, m.mask_width) == (C - B, C)
+    m.prefill(PROMPT[:6])
+    assert int(m.infer(2, 6).argmax()) == want(PROMPT[:6] + [2], 6)
+    assert {i["causal_mask"].shape[-1] for n, fn, i in backend.calls if "chunk" in n} == {C}
+    m.prefill(LONG[6:C - B - 1], start=6)
+    m.infer(1, C - B - 1)
+    with pytest.raises(ContextOverflowError, match=f"^position {C - B} is past the context length {C - B}"):
+        m.infer(1, C - B)
