@@ -160,7 +160,7 @@ class ANEModel:
         if self.head != "logits":
             raise NoLogitsError(f"{self.name}: the LM head returns only the argmax of each vocabulary chunk "
                                 "(argmax_in_model), no logits; use next_token for greedy decoding")
-        out = self._run_infer(token_id, pos)
+        out = self._infer_at(token_id, pos)
         return np.concatenate([out[f"logits{k}"].reshape(-1)
                                for k in range(1, len(self.geometry.logits_widths) + 1)]).astype(np.float32)
 
@@ -168,7 +168,7 @@ class ANEModel:
         """The greedy token after position `pos` (as `infer`, for any head)."""
         if self.head == "logits":
             return int(self.infer(token_id, pos).argmax())
-        out = self._run_infer(token_id, pos)
+        out = self._infer_at(token_id, pos)
         # chat.py generate_next_token: the chunk with the largest value wins; its local index plus the chunk's
         # offset is the token (first chunk on ties, as an argmax over the concatenated logits)
         idx, val = out["argmax_idx"].reshape(-1), out["argmax_val"].reshape(-1).astype(np.float32)
@@ -227,7 +227,6 @@ class ANEModel:
         if self.rotates and self._next > self.bundle.layout.sliding_window and pos != self._next:
             prefix = self._history[:pos]
             self._state = self._chunks[0]["prefill"][0].make_state()
-            self._next = 0
             self._feed(0, len(prefix), prefix)
         self._next = pos
 
@@ -245,9 +244,8 @@ class ANEModel:
                 self._run_prefill(pos, seq[pos:pos + B], fn)
                 pos += B
 
-    def _run_infer(self, token_id: int, pos: int, head: bool = True) -> dict:
-        """One token through `infer` (or `infer_rotate` past the window) at `pos`; the LM head's outputs (with
-        `head`)."""
+    def _infer_at(self, token_id: int, pos: int) -> dict:
+        """A caller's token at `pos` (infer, next_token): the cache keeps 0..pos-1 and drops what followed."""
         if pos < 0 or pos > len(self._history):
             raise ValueError(f"infer at position {pos} needs positions 0..{pos - 1} in the cache, which holds "
                              f"{len(self._history)}")
@@ -256,6 +254,12 @@ class ANEModel:
                                        "truncate the input")
         self._prepare_write(pos)
         self._history = self._history[:pos] + [int(token_id)]
+        return self._run_infer(token_id, pos)
+
+    def _run_infer(self, token_id: int, pos: int, head: bool = True) -> dict:
+        """One token through `infer` (or `infer_rotate` past the window) at `pos`, the next position to write;
+        the LM head's outputs (with `head`). `history` is the caller's: a prefill feeding tokens between its
+        batches has set it to the whole prompt already."""
         fn = self._infer_function(pos)
         position = np.array([pos], dtype=np.int32)
         inputs = {"position_ids": position, "causal_mask": causal_mask(self.mask_width, pos, 1, self._fp16),

@@ -9,13 +9,21 @@ writes its T rows into the cache at current_pos.. (slice_update; with an update_
 column i is 1, as gemma3_converter) and each query row reads the cached keys its additive causal mask leaves at
 0. Its toy "attention" sums the cached token ids, so the greedy next token after position p is
 sum(tokens 0..p) mod V: exactly right only if every position the mask shows holds the caller's token.
+
+With `sliding=True` the toy is a Gemma 3 model (0.3.5, split cache): each chunk runs a sliding-window layer over a
+local cache of SW slots, then a full-attention layer over a global cache of C slots, and its rotate functions
+shift the local cache as the converters build them (see `Predictor.gemma3`). Its answer is then right only if the
+driver called each function at the positions it is built for.
 """
+import gc
+import re
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ane_eval import contract, model as model_mod
+from ane_eval import contract, memory, model as model_mod
 from ane_eval.bundle import Bundle
 from ane_eval.contract import COREML, NATIVE, ContractError, Part
 from ane_eval.meta import Layout
@@ -26,17 +34,22 @@ from ane_eval.model import ANEModel, ContextOverflowError, NoLogitsError, causal
 C, B, H, V = 16, 4, 8, 32
 STATE = (2, 1, C, 4)
 HALF = V // 2
+# Gemma 3: the batch divides the window and the context exceeds it (ane_eval/convert/__init__.py refuses otherwise);
+# gemma3_converter GetTransformerStates: local [2·nLocal, Hkv, sliding_window, d], global [2·nGlobal, Hkv, S, d]
+SW = 8
+LOCAL, GLOBAL = "model_model_kv_cache_local", "model_model_kv_cache_global"
+SPLIT_STATES = ((LOCAL, (2, 1, SW, 4)), (GLOBAL, (2, 1, C, 4)))
 
 
 def F(name, dtype, shape, shapes=()):
     return Feature(name, dtype, tuple(shape), tuple(shapes))
 
 
-def stateful_sig(T, token_input, outputs, extra=()):
+def stateful_sig(T, token_input, outputs, extra=(), states=((contract.STATE_NAME, STATE),)):
     first = F("input_ids", "int32", (1, T)) if token_input == "input_ids" else F("hidden_states", "fp16", (1, T, H))
     return Signature(inputs=(first, F("position_ids", "int32", (T,)), F("causal_mask", "fp16", (1, 1, T, C)),
                              F("current_pos", "int32", (1,)), *extra),
-                     outputs=tuple(outputs), states=(F(contract.STATE_NAME, "fp16", STATE),))
+                     outputs=tuple(outputs), states=tuple(F(n, "fp16", shape) for n, shape in states))
 
 
 def head_outputs(argmax):
@@ -45,10 +58,16 @@ def head_outputs(argmax):
     return (F("logits1", "fp16", (1, 1, HALF)), F("logits2", "fp16", (1, 1, HALF)))
 
 
-def build(tmp_path, chunks=1, monolithic=False, argmax=False, with_update_mask=False, **layout):
-    """(bundle, parts) of a consistent toy model; the Parts are what frontends.describe would return for it."""
+def build(tmp_path, chunks=1, monolithic=False, argmax=False, with_update_mask=False, sliding=False, **layout):
+    """(bundle, parts) of a consistent toy model; the Parts are what frontends.describe would return for it.
+    `sliding`: Gemma 3 (0.3.5, sliding_window SW, local + global caches, prefill_dynamic_slice unless
+    update_mask_prefill), with infer_rotate / prefill_rotate in each chunk file, or in `_rot` files with
+    `split_rotate=True` (combine_models.py combine_chunks_split_rotate)."""
     root = tmp_path
     meta = {"context_length": C, "batch_size": B, "split_lm_head": 2}
+    if sliding:
+        layout = {"version": "0.3.5", "sliding_window": SW,
+                  "prefill_dynamic_slice": not layout.get("update_mask_prefill"), **layout}
     lay = Layout(argmax_in_model=argmax, vocab_size=V, model_type="monolithic" if monolithic else "chunked", **layout)
     if monolithic:
         path = root / "toy_monolithic.mlpackage"
@@ -58,18 +77,29 @@ def build(tmp_path, chunks=1, monolithic=False, argmax=False, with_update_mask=F
                    layout=lay, monolithic=path)
         return b, {contract.MONOLITHIC: Part(path, fns, {}, "infer")}
     paths = [root / f"toy_FFN_PF_chunk_{i:02d}of{chunks:02d}.mlpackage" for i in range(1, chunks + 1)]
+    split_rotate = sliding and lay.split_rotate
+    rot_paths = [p.with_name(p.stem + "_rot.mlpackage") for p in paths] if split_rotate else []
     b = Bundle(root=root, embeddings=root / "toy_embeddings.mlpackage", chunks=paths,
-               lm_head=root / "toy_lm_head.mlpackage", tokenizer_dir=root, meta=meta, name="toy", layout=lay)
+               lm_head=root / "toy_lm_head.mlpackage", tokenizer_dir=root, meta=meta, name="toy", layout=lay,
+               rotate_chunks=rot_paths)
     um = (F("update_mask", "fp16", (1, 1, C, B)),) if with_update_mask else ()
+    states = SPLIT_STATES if sliding else ((contract.STATE_NAME, STATE),)
     parts = {"embeddings": Part(b.embeddings, {"main": Signature(
         (F("input_ids", "int32", (1, 1), shapes=[(1, 1), (1, B)]),), (F("hidden_states", "fp16", ()),), ())},
         {}, "main")}
     for i, p in enumerate(paths, start=1):
         rows = 1 if i == chunks else B  # the last chunk's prefill returns row 0 only
-        parts[f"chunk{i:02d}"] = Part(p, {
-            "infer": stateful_sig(1, "hidden_states", (F("output_hidden_states", "fp16", (1, 1, H)),)),
-            "prefill": stateful_sig(B, "hidden_states", (F("output_hidden_states", "fp16", (1, rows, H)),), um)},
-            {}, "infer")
+        infer = stateful_sig(1, "hidden_states", (F("output_hidden_states", "fp16", (1, 1, H)),), states=states)
+        fns = {"infer": infer, "prefill": stateful_sig(
+            B, "hidden_states", (F("output_hidden_states", "fp16", (1, rows, H)),), um, states=states)}
+        # gemma3_converter: the rotate functions have the same interface, but prefill_rotate never an update_mask
+        rotate = {"infer_rotate": infer, "prefill_rotate": stateful_sig(
+            B, "hidden_states", (F("output_hidden_states", "fp16", (1, rows, H)),), states=states)}
+        if split_rotate:
+            parts[f"chunk{i:02d}"] = Part(p, fns, {}, "infer")
+            parts[f"chunk{i:02d}_rot"] = Part(rot_paths[i - 1], rotate, {}, "infer_rotate")
+        else:
+            parts[f"chunk{i:02d}"] = Part(p, {**fns, **(rotate if sliding else {})}, {}, "infer")
     parts["lm_head"] = Part(b.lm_head, {"main": Signature((F("hidden_states", "fp16", (1, 1, H)),),
                                                           head_outputs(argmax), ())}, {}, "main")
     return b, parts
@@ -88,6 +118,9 @@ class Predictor:
     def predict(self, inputs, state=None):
         self.backend.calls.append((self.part.name, self.function, {k: np.copy(v) for k, v in inputs.items()}))
         assert (state is None) == (not self.sig.states), "a stateful function is called with its state"
+        # the runtimes refuse a missing or undeclared input, whatever the caller knows of the declarations
+        # (mil/__init__.py MILModel._validate; CoreML checks its model description)
+        assert sorted(inputs) == sorted(f.name for f in self.sig.inputs), f"{self.function}: inputs {sorted(inputs)}"
         names = [f.name for f in self.sig.outputs]
         if "hidden_states" in names:  # embeddings: the token id in feature 0
             ids = inputs["input_ids"]
@@ -98,20 +131,16 @@ class Predictor:
             return self.head(float(inputs["hidden_states"][0, 0, 0]))
         x = inputs["input_ids"][0].astype(np.float32) if "input_ids" in inputs else \
             inputs["hidden_states"][0, :, 0].astype(np.float32)
-        cache = state.read_state(contract.STATE_NAME)
         # every chunk owns its layers' slice of the one unified cache (ANEMLL-CONTRACT.md): here column `layer`
         layer = int(self.part.name.split("_chunk_")[1][:2]) - 1 if "_chunk_" in self.part.name else 0
-        pos, T = int(inputs["current_pos"][0]), len(x)
-        if "update_mask" in inputs:  # gemma3_converter: row i lands where update_mask[..., i] is 1
-            for i in range(T):
-                where = np.flatnonzero(inputs["update_mask"][0, 0, :, i] == 1)
-                cache[0, 0, where, layer] = x[i]
-        else:  # slice_update at current_pos..current_pos+T (CoreML refuses a slice past the end)
-            assert pos + T <= C, "slice update past the cache"
-            cache[0, 0, pos:pos + T, layer] = x
-        state.write_state(contract.STATE_NAME, cache)
         visible = inputs["causal_mask"][0, 0] == 0  # (T, C): -inf hides a key
-        sums = (visible * cache[0, 0, :, layer].astype(np.float32)).sum(axis=1)
+        if LOCAL in state.features:
+            sums = self.gemma3(inputs, state, x, layer, visible)
+        else:
+            cache = state.read_state(contract.STATE_NAME)
+            cache[0, 0, :, layer] = write(cache[0, 0, :, layer], x, inputs)
+            state.write_state(contract.STATE_NAME, cache)
+            sums = (visible * cache[0, 0, :, layer].astype(np.float32)).sum(axis=1)
         outs = {}
         if "output_hidden_states" in names:
             rows = self.sig.outputs[0].shape[1]
@@ -121,6 +150,41 @@ class Predictor:
         else:
             outs.update(self.head(float(sums[0])))
         return outs
+
+    def gemma3(self, inputs, state, x, layer, visible):
+        """One chunk of the Gemma 3 toy: a sliding-window layer, then a full-attention layer (each output mod V, so
+        fp16 holds every sum exactly). Each layer stores its input and sums what it attends to. The local cache
+        follows ane_eval/convert/gemma3.py `keys_values` (which the Gemma 3 tests prove against HF) and upstream's
+        gemma3_model.py (zkh2016/Anemll@4e77d00):
+        - infer / prefill fill slots at the absolute position (`_store_kv_local`, `_store_kv_local_prefill` with
+          prefill_dynamic_slice; through update_mask rows 0..SW-1 with update_mask_prefill) and attend to the
+          causal mask's first SW columns; a write past slot SW-1 fails, as a slice_update past the end does
+          (mil/ops.py slice_update);
+        - infer_rotate drops slot 0 and appends (`_update_kv_local`), then attends to every slot under the mask's
+          first SW columns;
+        - prefill_rotate drops the first B slots and appends the batch (`_update_kv_local_prefill`); row i attends
+          to the old slots j > i and the batch's rows k <= i (gemma3.py's constant mask, the window HF computes);
+        - the global layer writes at current_pos in every function and attends under the whole causal mask.
+        A rotate function called before the window is full, or a fill function past it, leaves the wrong
+        positions in the window: the answer is wrong."""
+        fn, T = self.function, len(x)
+        local = state.read_state(LOCAL)
+        old = local[0, 0, :, layer].astype(np.float32)
+        if fn == "infer_rotate":
+            new = np.concatenate([old[1:], x])
+            y = (visible[:, :SW] * new).sum(axis=1)
+        elif fn == "prefill_rotate":
+            new = np.concatenate([old[T:], x])
+            y = np.array([old[i + 1:].sum() + x[:i + 1].sum() for i in range(T)])
+        else:
+            new = write(old, x, inputs)
+            y = (visible[:, :SW] * new).sum(axis=1)
+        local[0, 0, :, layer] = new
+        state.write_state(LOCAL, local)
+        glob = state.read_state(GLOBAL)
+        glob[0, 0, :, layer] = write(glob[0, 0, :, layer].astype(np.float32), y % V, inputs)
+        state.write_state(GLOBAL, glob)
+        return (visible * glob[0, 0, :, layer].astype(np.float32)).sum(axis=1) % V
 
     def head(self, h):
         token = int(h) % V
@@ -132,6 +196,20 @@ class Predictor:
         logits = np.zeros(V, np.float16)
         logits[token] = 1
         return {"logits1": logits[None, None, :HALF], "logits2": logits[None, None, HALF:]}
+
+
+def write(slots, values, inputs):
+    """A chunk's KV write into one layer's slots: with an update_mask input, row i where its column i is 1 (over
+    the first len(slots) rows, gemma3_converter / convert/gemma3.py write_masked); else slice_update at
+    current_pos.. (CoreML and mil/ops.py slice_update refuse a slice past the end)."""
+    slots, pos, T = slots.copy(), int(inputs["current_pos"][0]), len(values)
+    if "update_mask" in inputs:
+        for i in range(T):
+            slots[np.flatnonzero(inputs["update_mask"][0, 0, :len(slots), i] == 1)] = values[i]
+    else:
+        assert pos + T <= len(slots), f"slice update at {pos}..{pos + T} past {len(slots)} cache slots"
+        slots[pos:pos + T] = values
+    return slots
 
 
 class Backend:
@@ -152,9 +230,10 @@ class Backend:
         return Predictor(self, part, function_name if function_name is not None else part.default_function)
 
 
-def make(monkeypatch, tmp_path, boundary=NATIVE, compiled=(), **kw):
-    """The model over the stand-in; `compiled`: roles whose declarations are unreadable (contract gives None)."""
-    b, parts = build(tmp_path, **kw)
+def make(monkeypatch, tmp_path, boundary=NATIVE, compiled=(), built=None, precision="fp32", **kw):
+    """The model over the stand-in; `compiled`: roles whose declarations are unreadable (contract gives None);
+    `built`: (bundle, parts) instead of `build(tmp_path, **kw)`."""
+    b, parts = built or build(tmp_path, **kw)
     backend = Backend(parts, boundary)
     asked = []
 
@@ -162,8 +241,8 @@ def make(monkeypatch, tmp_path, boundary=NATIVE, compiled=(), **kw):
         asked.append((name, precision, compute_units))
         return backend
 
-    def discover(path, backend):
-        assert (path, backend) == (Path(str(tmp_path)), "stand-in")
+    def discover(path, **kw):
+        assert (path, kw) == (Path(str(tmp_path)), {"backend": backend.name})
         return b
 
     monkeypatch.setattr(model_mod, "select", select)
@@ -171,8 +250,8 @@ def make(monkeypatch, tmp_path, boundary=NATIVE, compiled=(), **kw):
     monkeypatch.setattr(model_mod, "load_tokenizer", lambda bundle: list(range(V)) if bundle is b else None)
     seen = {role: None if role in compiled else p for role, p in parts.items()}
     monkeypatch.setattr(contract, "describe_parts", lambda bundle: seen if bundle is b else None)
-    m = ANEModel(str(tmp_path), backend="stand-in", precision="fp32", compute_units="CPU_ONLY")
-    assert asked == [("stand-in", "fp32", "CPU_ONLY")] and m.precision == "fp32"
+    m = ANEModel(str(tmp_path), backend="stand-in", precision=precision, compute_units="CPU_ONLY")
+    assert asked == [("stand-in", precision, "CPU_ONLY")] and m.precision == precision
     m.construction_calls = list(backend.calls)
     backend.calls.clear()
     return m, backend
@@ -487,3 +566,268 @@ def test_resolve_model_demo(monkeypatch):
     monkeypatch.setattr(demo, "model_dir", lambda: Path("/built/demo"))
     assert model_mod.resolve_model("demo") == Path("/built/demo")
     assert model_mod.resolve_model(Path("demo")) == Path("/built/demo")
+
+
+# --- Gemma 3: the sliding-window local cache and its rotate functions ------------------------------------------
+LONG = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]  # C tokens, none 0 (a slot left empty changes the sum)
+
+
+def want_windowed(seq, pos, chunks=1):
+    """The Gemma 3 toy's greedy token after position p, from the definition (HF's sliding-window mask: a key is
+    visible iff it is within SW positions of the query), not from any cache: per chunk, the local layer sums the
+    last SW inputs, the global layer all of the local outputs, each mod V."""
+    x = [int(t) for t in seq[:pos + 1]]
+    for _ in range(chunks):
+        local = [sum(x[max(0, p - SW + 1):p + 1]) % V for p in range(len(x))]
+        x = [int(v) % V for v in np.cumsum(local)]
+    return x[-1]
+
+
+def fns(backend, chunk="chunk_01"):
+    """(function, current_pos) of each call to the first chunk (split-rotate companions included)."""
+    return [(fn, int(i["current_pos"][0])) for name, fn, i in backend.calls if chunk in name]
+
+
+GEMMA = [{}, {"chunks": 2}, {"split_rotate": True}, {"update_mask_prefill": True, "with_update_mask": True},
+         {"prefill_dynamic_slice": False}]
+
+
+@pytest.mark.parametrize("kw", GEMMA, ids=["dynamic_slice", "2_chunks", "split_rotate", "update_mask", "tokens"])
+def test_gemma3_prefill_then_infer_sees_exactly_the_window(monkeypatch, tmp_path, kw):
+    m, backend = make(monkeypatch, tmp_path, sliding=True, **kw)
+    assert m.rotates
+    for n in (1, B, SW - 1, SW, SW + 1, SW + B, SW + B + 1, C):
+        m.reset()
+        m.prefill(LONG[:n - 1])
+        assert m.next_token(LONG[n - 1], n - 1) == want_windowed(LONG, n - 1, m.num_chunks), n
+    m.reset()
+    for p, tok in enumerate(LONG):  # token by token from an empty cache, every position through infer
+        assert m.next_token(tok, p) == want_windowed(LONG, p, m.num_chunks)
+
+
+def test_gemma3_functions_chosen_by_position(monkeypatch, tmp_path):
+    """chat.py run_monolithic_prefill_with_rotation: fill batches while batch_pos + batch_size <= sliding_window,
+    rotating batches from the window on, the rest token by token through infer_rotate; infer before the window,
+    infer_rotate from it (its single_token_mode: `batch_pos >= sliding_window`)."""
+    m, backend = make(monkeypatch, tmp_path, sliding=True)
+    m.prefill(LONG[:15])  # the fill batch 4..7 ends exactly at the window, the rotating one 8..11 starts at it
+    assert fns(backend) == [("prefill", 0), ("prefill", 4), ("prefill_rotate", 8), ("infer_rotate", 12),
+                            ("infer_rotate", 13), ("infer_rotate", 14)]
+    assert m.token_evaluations == 3 * B + 3
+    backend.calls.clear()
+    assert m.next_token(LONG[15], 15) == want_windowed(LONG, 15)
+    assert fns(backend) == [("infer_rotate", 15)]
+    m.reset()
+    backend.calls.clear()
+    m.prefill(LONG[:2])
+    # 6..9 would straddle the window: 6 and 7 by infer, then a rotating batch (the tokens fed by infer once cut the
+    # prompt short in `history`, and the prefill stopped at 12 with "needs positions 0..11")
+    m.prefill(LONG[2:14], start=2)
+    assert fns(backend) == [("infer", 0), ("infer", 1), ("prefill", 2), ("infer", 6), ("infer", 7),
+                            ("prefill_rotate", 8), ("infer_rotate", 12), ("infer_rotate", 13)]
+    assert m.next_token(LONG[14], 14) == want_windowed(LONG, 14)
+    m.reset()
+    backend.calls.clear()
+    for p in range(SW + 1):  # token by token: infer up to the window, infer_rotate from it
+        m.next_token(LONG[p], p)
+    assert fns(backend) == [("infer", p) for p in range(SW)] + [("infer_rotate", SW)]
+
+
+def test_gemma3_no_replay_while_the_cache_has_not_rotated_or_when_continuing(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path, sliding=True)
+    m.prefill(LONG[:SW])  # slots 0..7 hold positions 0..7: full, but not rotated
+    state = m.state
+    backend.calls.clear()
+    m.prefill([7, 7], start=3)  # a rewind inside an unrotated cache only overwrites
+    assert fns(backend) == [("infer", 3), ("infer", 4)] and m.state is state
+    seq = LONG[:3] + [7, 7]
+    assert m.next_token(2, 5) == want_windowed(seq + [2], 5)
+    m.reset()
+    m.prefill(LONG[:SW + B])  # rotated once, ends at 12
+    backend.calls.clear()
+    for p in range(SW + B, C):  # continuing after rotation: one call per token, no replay
+        assert m.next_token(LONG[p], p) == want_windowed(LONG, p)
+    assert fns(backend) == [("infer_rotate", p) for p in range(SW + B, C)]
+
+
+def test_gemma3_rewind_after_rotation_replays_the_prefix(monkeypatch, tmp_path):
+    """A rotated local cache holds only the last SW positions before the end: a rewind cannot overwrite in place, so
+    the prefix is replayed from a fresh state."""
+    m, backend = make(monkeypatch, tmp_path, sliding=True)
+    m.prefill(LONG[:SW + 1])  # 0..3, 4..7 by prefill, 8 by infer_rotate: rotated once
+    rotated = m.state
+    backend.calls.clear()
+    other = [7, 2, 7]
+    m.prefill(other, start=5)  # replay 0..4 (one batch, then 4 by infer), then 5..7 by infer
+    assert fns(backend) == [("prefill", 0), ("infer", 4), ("infer", 5), ("infer", 6), ("infer", 7)]
+    assert m.state is not rotated and m.history == LONG[:5] + other
+    seq = LONG[:5] + other + LONG[8:]
+    for p in range(SW, C):
+        assert m.next_token(seq[p], p) == want_windowed(seq, p)
+    # prefill of all C positions (rotating batches at 8 and 12), then back to 8, inside the rotated region
+    m.prefill(LONG)
+    assert fns(backend)[-2:] == [("prefill_rotate", 8), ("prefill_rotate", 12)]
+    backend.calls.clear()
+    assert m.next_token(4, 8) == want_windowed(LONG[:8] + [4], 8)
+    assert fns(backend) == [("prefill", 0), ("prefill", 4), ("infer_rotate", 8)]
+    # back to position 2, before one batch: the replay goes token by token
+    backend.calls.clear()
+    assert m.next_token(6, 2) == want_windowed(LONG[:2] + [6], 2)
+    assert fns(backend) == [("infer", 0), ("infer", 1), ("infer", 2)]
+    m.prefill([], start=1)  # an empty prefill rewinds too; the next token is then correct
+    assert m.next_token(5, 1) == want_windowed(LONG[:1] + [5], 1) and m.history == LONG[:1] + [5]
+
+
+def test_gemma3_reset_after_rotation(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path, sliding=True, prefill_dynamic_slice=False)
+    for p in range(C - 1):
+        m.next_token(LONG[p], p)
+    old = m.state
+    m.reset()
+    assert m.state is not old and m.history == []
+    assert not m.state.read_state(LOCAL).any() and not m.state.read_state(GLOBAL).any()
+    backend.calls.clear()
+    assert m.next_token(5, 0) == 5
+    assert fns(backend) == [("infer", 0)]
+
+
+def test_gemma3_split_rotate_functions_come_from_the_rot_files(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path, sliding=True, chunks=2, split_rotate=True)
+    checked, real = [], contract.check_inputs
+
+    def check(where, signature, inputs, hints=None, boundary=NATIVE):
+        checked.append((where, signature))
+        return real(where, signature, inputs, hints, boundary)
+
+    monkeypatch.setattr(contract, "check_inputs", check)
+    m.prefill(LONG[:13])
+    assert m.next_token(LONG[13], 13) == want_windowed(LONG, 13, 2)
+    ran = [(n, fn) for n, fn, _ in backend.calls if "chunk" in n]
+    assert ran == [(f"toy_FFN_PF_chunk_{k:02d}of02{rot}.mlpackage", fn) for fn, rot in
+                   [("prefill", ""), ("prefill", ""), ("prefill_rotate", "_rot"), ("infer_rotate", "_rot"),
+                    ("infer_rotate", "_rot")] for k in (1, 2)]
+    # every call is checked against the declaration of the file that holds its function
+    part = {p.name: p for p in m.parts.values()}
+    assert checked == [(f"{n} {fn}" if fn != "main" else n, part[n].signature(fn)) for n, fn, _ in backend.calls]
+
+
+@pytest.mark.parametrize("kw", [{}, {"split_rotate": True}])
+def test_gemma3_without_rotate_functions_is_refused(monkeypatch, tmp_path, kw):
+    b, parts = build(tmp_path, sliding=True, **kw)
+    role = "chunk01_rot" if kw else "chunk01"
+    parts[role] = Part(parts[role].path, {fn: s for fn, s in parts[role].functions.items()
+                                          if fn != "prefill_rotate"}, {}, parts[role].default_function)
+    name = parts[role].path.name
+    with pytest.raises(ContractError) as e:
+        make(monkeypatch, tmp_path, built=(b, parts))
+    assert str(e.value) == (f"{name}: meta.yaml sliding_window {SW} is shorter than the context, but the "
+                            f"prefill_rotate function cannot be loaded ({name}: no function 'prefill_rotate'); "
+                            "re-convert with rotate functions")
+
+
+@pytest.mark.parametrize("compiled", [(), ("chunk01",)])
+def test_gemma3_update_mask_goes_to_prefill_only(monkeypatch, tmp_path, compiled):
+    """gemma3_converter: prefill takes the update_mask, prefill_rotate never (the stand-in, like the runtimes,
+    refuses an undeclared input)."""
+    m, backend = make(monkeypatch, tmp_path, compiled=compiled, sliding=True, update_mask_prefill=True,
+                      with_update_mask=True)
+    m.prefill(LONG[:C - 1])
+    assert [(fn, "update_mask" in i) for n, fn, i in backend.calls if "chunk" in n][:3] == [
+        ("prefill", True), ("prefill", True), ("prefill_rotate", False)]
+    assert m.next_token(LONG[C - 1], C - 1) == want_windowed(LONG, C - 1)
+
+
+@pytest.mark.parametrize("compiled", [(), ("chunk01",)])
+def test_update_mask_follows_the_declaration_not_meta_yaml(monkeypatch, tmp_path, compiled):
+    """A readable chunk is trusted over meta.yaml: meta.yaml's update_mask_prefill without an update_mask input
+    sends none. A compiled chunk has only meta.yaml to go by: no update_mask_prefill, no update_mask."""
+    meta = {"update_mask_prefill": True} if not compiled else {"prefill_dynamic_slice": True}
+    m, backend = make(monkeypatch, tmp_path, compiled=compiled, version="0.3.5", **meta)
+    m.prefill(PROMPT[:6])
+    assert [(fn, "update_mask" in i) for n, fn, i in backend.calls if "chunk" in n] == [
+        ("prefill", False), ("infer", False), ("infer", False)]
+    assert int(m.infer(2, 6).argmax()) == want(PROMPT[:6] + [2], 6)
+
+
+def test_defaults_and_load_model(monkeypatch, tmp_path):
+    make(monkeypatch, tmp_path)  # the stand-in in place
+    asked, stand_in = [], model_mod.select
+
+    def select(name, precision, compute_units):
+        asked.append((name, precision, compute_units))
+        return stand_in("stand-in", precision, compute_units)
+
+    monkeypatch.setattr(model_mod, "select", select)
+    assert ANEModel(str(tmp_path)).precision == "fp16"
+    m = model_mod.load_model(str(tmp_path))
+    assert isinstance(m, ANEModel) and m.name == "toy"
+    model_mod.load_model(str(tmp_path), backend="mine", precision="fp32", compute_units="CPU_ONLY")
+    assert asked == [("auto", "fp16", "CPU_AND_NE")] * 2 + [("mine", "fp32", "CPU_ONLY")]
+
+
+def test_input_errors_name_the_fix(monkeypatch, tmp_path):
+    m, backend = make(monkeypatch, tmp_path)
+    infer, part = m._chunks[0]["infer"]
+    good = {"hidden_states": np.zeros((1, 1, H), np.float16), "position_ids": np.zeros(1, np.int32),
+            "causal_mask": causal_mask(C, 0, 1), "current_pos": np.zeros(1, np.int32)}
+    for name, hint in [("position_ids", "position_ids are int32"), ("current_pos", "current_pos is int32 (1,)"),
+                       ("causal_mask", f"the mask is fp16 (1, 1, rows, {C})")]:
+        bad = {**good, name: good[name].astype(np.int64 if name != "causal_mask" else np.float32)}
+        with pytest.raises(ContractError, match=rf"^toy_FFN_PF_chunk_01of01\.mlpackage infer expects {name} .*; "
+                                                rf"{re.escape(hint)}$"):
+            m._call(infer, part, "infer", bad)
+    with pytest.raises(ContractError, match=r"^toy_embeddings.mlpackage expects input_ids .*; input_ids are int32 "
+                                            rf"of shape \(1, 1\) or \(1, {B}\)$"):
+        m._call(m._embeddings, m.parts["embeddings"], None, {"input_ids": np.zeros((1, 1), np.int64)})
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_the_portable_runtime_refuses_a_model_that_cannot_fit(monkeypatch, tmp_path, precision):
+    """On the portable runtime ("mil") the model is sized before anything runs (memory.py, with its own tests in
+    tests/test_memory.py): the toy's parts have no weight files, so it holds its one state."""
+    monkeypatch.setattr(Backend, "name", "mil")
+    state = 2 * 1 * C * 4 * (2 if precision == "fp16" else 4)
+    monkeypatch.setattr(memory, "available_bytes", lambda: state)
+    m, backend = make(monkeypatch, tmp_path, precision=precision)
+    assert m.resident_bytes == {"embeddings": 0, "chunk01": 0, "lm_head": 0, "state": state, "total": state}
+    monkeypatch.setattr(memory, "available_bytes", lambda: state - 1)
+    what = re.escape(f"{tmp_path} ({precision}, portable runtime) needs ")
+    with pytest.raises(memory.InsufficientMemoryError, match=f"^{what}"):
+        make(monkeypatch, tmp_path, precision=precision)
+
+
+def test_each_part_keeps_its_last_inputs_alive(monkeypatch, tmp_path):
+    """CoreML releases the buffers it was given later, on its own queue (ANEModel._call): each part's inputs stay
+    referenced until that part is called again, and are released then."""
+    m, backend = make(monkeypatch, tmp_path, chunks=2)
+    refs, predict = [], Predictor.predict
+
+    def recording(self, inputs, state=None):
+        refs.append((id(self), {k: weakref.ref(v) for k, v in inputs.items()}))
+        return predict(self, inputs, state)
+
+    monkeypatch.setattr(Predictor, "predict", recording)
+    m.prefill(PROMPT[:9])
+    m.infer(1, 9)
+    gc.collect()
+    last = {p: i for i, (p, _) in enumerate(refs)}
+    assert len(last) == 6  # embeddings, each chunk's prefill and infer, the head
+    for i, (p, r) in enumerate(refs):
+        alive = [w() is not None for w in r.values()]
+        assert alive == [last[p] == i] * len(alive), (i, alive)
+
+
+def test_the_mask_is_attention_size_wide(monkeypatch, tmp_path):
+    """0.3.5's attention_size: the causal mask's width, which may exceed the context length (chat.py parse_args
+    reads both)."""
+    b, parts = build(tmp_path, version="0.3.5", prefill_dynamic_slice=True, attention_size=C)
+    b.meta["context_length"] = C - B
+    m, backend = make(monkeypatch, tmp_path, built=(b, parts))
+    assert (m.context_length, m.mask_width) == (C - B, C)
+    m.prefill(PROMPT[:6])
+    assert int(m.infer(2, 6).argmax()) == want(PROMPT[:6] + [2], 6)
+    assert {i["causal_mask"].shape[-1] for n, fn, i in backend.calls if "chunk" in n} == {C}
+    m.prefill(LONG[6:C - B - 1], start=6)
+    m.infer(1, C - B - 1)
+    with pytest.raises(ContextOverflowError, match=f"^position {C - B} is past the context length {C - B}"):
+        m.infer(1, C - B)
