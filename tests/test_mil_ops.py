@@ -3,7 +3,6 @@ definitions' numpy implementation), numpy/torch formulas otherwise."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -395,34 +394,6 @@ def test_fp16_weight_products_equal_float32_weights(monkeypatch, columns):
     assert 0 < differ < 0.01  # the GEMV ran (some sums round the other way), and rarely differs
     lin = KERNELS["linear"](x=rows, weight=w16, _fp16_values=True).reshape(-1)
     np.testing.assert_array_equal(lin, fast)
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() only")
-def test_fp16_weight_products_run_in_a_forked_child(monkeypatch):
-    """A child forked after a product (a data loader's worker, say) inherits the worker pool but not its threads:
-    its own products must not wait on them (they did, forever, before the pool was kept per process)."""
-    import multiprocessing
-
-    from ane_eval.mil import gemm
-
-    monkeypatch.setattr(gemm, "BLOCK_BYTES", 4 * 256 * 16)  # 16 rows per block: 16 blocks
-    w = rng.standard_normal((256, 256)).astype(np.float16)
-    x = rng.standard_normal((256, 8)).astype(np.float32)
-    want = w.astype(np.float32) @ x
-    np.testing.assert_array_equal(gemm.weight_product(w, x), want)  # the parent's pool exists now
-    child = multiprocessing.get_context("fork").Process(target=_product_or_fail, args=(w, x, want))
-    child.start()
-    child.join(timeout=30)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("the forked child's product never finished")
-    assert child.exitcode == 0
-
-
-def _product_or_fail(w, x, want):
-    from ane_eval.mil import gemm
-
-    os._exit(0 if np.array_equal(gemm.weight_product(w, x), want) else 1)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])

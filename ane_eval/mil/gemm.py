@@ -11,29 +11,22 @@ Two ways, both computing the op in float32 from fp16 operands (CoreML's fp16 sem
   streams float32 ones, so a token takes half the time; its fp16 GEMM (several columns) is scalar code, ~20x
   slower than float32 BLAS, and is never used.
 - anything else (prefill batches, float32 activations, no torch): the weight's rows widened to float32 a block at
-  a time into a reused per-thread buffer small enough to stay in cache, each block multiplied by numpy's BLAS on
-  one thread, the blocks shared out among as many worker threads as BLAS would use. The same products as a float32
-  weight, and in the shapes converted models use (1 or 64 columns) the same sums, bit for bit: rows are
-  independent, and BLAS splits its own work by rows too (for other column counts its kernel choice may depend on
-  the row count, and the sums' order with it). Faster than float32 weights under BLAS's own threads: the fp16
-  rows are half the bytes to stream, the widened block is still in cache when BLAS packs it, and no block waits
-  for another thread (measured below).
+  a time into a reused buffer, each block multiplied by numpy's BLAS: the same products as a float32 weight, and
+  in the shapes converted models use (1 or 64 columns) the same sums, bit for bit (BLAS splits its work by rows
+  too; for other column counts its kernel choice may depend on the row count, and the sums' order with it).
 """
 from __future__ import annotations
 
-import functools
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import fp16
 
-# one float32 block per thread, reused (no page faults) and in cache when BLAS reads it. 2 MB: a 64-column prefill
-# product of a 16384x2048 (8192x2048, 2048x8192) weight took 51 ms (11, 30) in 2 MB blocks against 64 ms (15, 29)
-# for a float32 weight under BLAS's threads, 72 ms (32, 33) with one 32 MB block at a time, on 2 busy cores
-BLOCK_BYTES = 4 << 20
+# one float32 block, reused (no page faults). Each block is one BLAS call, and each call hands work to BLAS's
+# threads: on a busy 2-core machine a 7-matrix layer at batch 64 took 3.6x the float32-weight time with 4 MB
+# blocks, 1.9x with 8 MB, 1.14x with 32 MB (the last-level cache's size)
+BLOCK_BYTES = 32 << 20
 FAST_GEMV = True  # torch's fp16 GEMV for single fp16 columns; off: the bit-exact blocked path for everything
 _buffers = threading.local()  # one block buffer per thread: no allocation per call
 
@@ -55,47 +48,15 @@ def _blocked(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     if step >= rows:
         return fp16.widen(w) @ x
     out = np.empty((rows, x.shape[1]), np.float32)
+    buffer = _buffer(step * cols)
     x = np.ascontiguousarray(x)
-    starts = iter(range(0, rows, step))  # shared by the workers: next() on it is atomic under the GIL
-
-    def work():
-        buffer = _buffer(step * cols)
-        for start in starts:  # each worker takes the next block: a worker on a busy core just takes fewer
+    with fp16.single_threaded():  # the conversion's torch threads would spin against BLAS's (see fp16.py)
+        for start in range(0, rows, step):
             n = min(step, rows - start)
             block = buffer[:n * cols].reshape(n, cols)
             fp16.widen_into(block, w[start:start + n])
             np.matmul(block, x, out=out[start:start + n])
-
-    workers = _workers(os.getpid())
-    # one thread each for the conversion and for BLAS: the workers are the parallelism (see fp16.single_threaded).
-    # One product at a time: each uses every core, and the thread limits are process-wide settings that two
-    # overlapping products would restore out of order
-    with workers.lock, fp16.single_threaded(), workers.blas.limit(limits=1):
-        helpers = [workers.pool.submit(work) for _ in range(workers.count - 1)]
-        work()
-        for h in helpers:
-            h.result()
     return out
-
-
-class _Workers:
-    """The threads that share a product's blocks: as many as BLAS would run (OPENBLAS_NUM_THREADS,
-    OMP_NUM_THREADS or the cores), the caller being one of them."""
-
-    def __init__(self):
-        from threadpoolctl import ThreadpoolController
-
-        self.blas = ThreadpoolController().select(user_api="blas")
-        self.lock = threading.Lock()
-        self.count = max([1] + [lib["num_threads"] for lib in self.blas.info()])
-        self.pool = ThreadPoolExecutor(self.count - 1, thread_name_prefix="ane-eval-gemm") if self.count > 1 \
-            else None
-
-
-@functools.cache
-def _workers(pid: int) -> _Workers:
-    """Per process: a forked child inherits the pool but not its threads, and would wait on them forever."""
-    return _Workers()
 
 
 def _buffer(size: int) -> np.ndarray:
