@@ -4,8 +4,8 @@ The runtime holds every weight once per package (its functions share them) in fp
 weights as they are, palettized and quantized ones decompressed to fp16 — and in fp32 mode as float32; plus the
 KV-cache state (fp16 or float32). So the resident size follows from the weight files' blob records alone (element
 counts, no data read), or, for a model not built yet, from its shapes (`estimate`). It is an upper bound in fp16
-mode: weights held as stored are the weight file's mapped pages (blob.BlobFile.view), and an embedding table's rows
-become resident only as tokens gather them (the 1B benchmark's 128k-row table: a few MB, not its 0.5 GB).
+mode: a table only gathered from (the embeddings) is the weight file's mapped pages (blob.BlobFile.view), its rows
+resident only as tokens gather them (the 1B benchmark's 128k-row table: a few MB, not its 0.5 GB).
 """
 from __future__ import annotations
 
