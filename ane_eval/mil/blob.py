@@ -38,9 +38,9 @@ class BlobError(ir.ModelFormatError):
 class BlobFile:
     """One weight file. `read(offset, dtype, shape)` returns a fresh numpy array; `view(...)` the values where the
     file's pages lie (memory-mapped, copy-on-write): nothing is read until touched and untouched rows never become
-    resident — an embedding table is gathered from a few rows at a time — and the pages are the page cache's, shared
-    with every other process reading the file (CoreML maps its weights too). As with any mapped file, shrinking the
-    file while a model uses it is an error the operating system signals (SIGBUS), not one this reader can report."""
+    resident (an embedding table is gathered from a few rows at a time), and the pages are the page cache's, shared
+    with every other process reading the file. As with any mapped file, shrinking the file while a model uses it is
+    an error the operating system signals (SIGBUS), not one this reader can report."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
