@@ -44,11 +44,9 @@ def weight_product(w: np.ndarray, x: np.ndarray, fp16_values: bool = False) -> n
 
 def _blocked(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     rows, cols = w.shape
-    step = max(1, BLOCK_BYTES // (4 * cols))
-    if step >= rows:
-        return fp16.widen(w) @ x
+    step = min(rows, max(1, BLOCK_BYTES // (4 * cols)))
     out = np.empty((rows, x.shape[1]), np.float32)
-    buffer = _buffer(step * cols)
+    buffer = _buffer(step * cols)  # a weight smaller than a block is widened into it too: no float32 copy of its own
     x = np.ascontiguousarray(x)
     with fp16.single_threaded():  # the conversion's torch threads would spin against BLAS's (see fp16.py)
         for start in range(0, rows, step):
