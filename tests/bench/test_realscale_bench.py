@@ -4,7 +4,7 @@ against HF transformers eager fp32 on the same weights: load time, peak RSS over
 and decode speed, and this machine's measured GEMV bandwidth with the decode limits it implies.
 
 Each side runs in a subprocess of its own (tests/bench/realscale.py), so peak RSS is that side's alone. The
-checkpoint and the built models (~10 GB peak to build, ~2 min; the LUT variant much longer) are cached under
+checkpoint and the built models (~10 GB peak to build, ~2 min; the LUT variant ~2 h on one core) are cached under
 $ANE_EVAL_BENCH_CACHE (default: <tmp>/ane-eval-bench), keyed by the converter's fingerprint.
     pytest tests/bench/test_realscale_bench.py -m slow --benchmark-enable -s
 Nothing here asserts on time: the figures are printed and recorded in the benchmark's extra_info.
