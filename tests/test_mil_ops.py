@@ -413,3 +413,7 @@ def test_unpack_bits_matches_bit_by_bit_unpacking(bits):
             signed = unpack_bits(raw, bits, count, signed=True)
             assert signed.dtype == np.int8
             np.testing.assert_array_equal(signed, np.where(want >= 8, want - 16, want))
+        # a buffer one byte short yields only the elements it holds whole, never padding (callers check counts)
+        short = unpack_bits(raw[:-1], bits, count)
+        assert short.size == (raw.size - 1) * 8 // bits < count
+        np.testing.assert_array_equal(short, want[:short.size])
