@@ -562,3 +562,8 @@ def test_lut_weights_are_decompressed_once_and_held_in_fp16(tmp_path):
     wide = [v for k, v in infer._package.consts.values.items() if k not in held and isinstance(v, list)
             and v[0].ndim >= 2]
     assert len(wide) == len(dense) and all(v[0].dtype == np.float32 for v in wide)
+    # the fp16 weights are looked up in the fp16 table directly: the fp32 mode's float32 lookup, value for value
+    by_source = {k[3:]: v[0] for k, v in infer._package.consts.values.items() if k not in held and isinstance(v, list)}
+    for k, v in held.items():
+        if isinstance(v, list) and v[0].ndim >= 2 and k[0] == "constexpr_lut_to_dense":
+            np.testing.assert_array_equal(v[0].astype(np.float32), by_source[k[3:]])

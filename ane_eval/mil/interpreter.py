@@ -281,7 +281,12 @@ class Plan:
             args["_fp16_values"] = True
         if not dynamic and o.type not in STATE_OPS:
             resident = names[0] in self.fp16_resident  # a decompressed weight: its fp16 values kept as float16
-            fold = lambda: [r.astype(np.float16) if resident else r  # noqa: E731
+            if resident and o.type == "constexpr_lut_to_dense":
+                # looked up in the fp16 table itself (an fp16 output's table is fp16: narrowing its compute form
+                # back is exact), written straight as fp16: no float32 weight, no rounding pass
+                args = dict(args, lut=np.asarray(args["lut"], np.float32).astype(np.float16))
+                coercers = [None]
+            fold = lambda: [r.astype(np.float16, copy=False) if resident else r  # noqa: E731
                             for r in self._run_op(o.type, KERNELS[o.type], args, names, coercers)]
             results = consts.fold(self._fold_key(o, resident), fold) if o.type in CONSTEXPR else fold()
             for n, r in zip(names, results):

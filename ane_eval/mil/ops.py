@@ -685,7 +685,10 @@ def argsort(x, axis=-1, ascending=False):
 # --- weight decompression (evaluated once at load) ------------------------------------------------------------
 @op("constexpr_lut_to_dense")
 def constexpr_lut_to_dense(indices, lut, shape=None, vector_axis=None):
-    lut, idx = f32(lut), np.asarray(indices)
+    # an fp16 table gives fp16 values (the interpreter hands one in for fp16-resident weights: no float32 copy of
+    # the weight at load); anything else float32
+    lut, idx = np.asarray(lut), np.asarray(indices)
+    lut = lut if lut.dtype == np.float16 else f32(lut)
     if shape is not None:  # iOS16 form: flat lut of 2^n values, packed indices, explicit output shape
         out_shape = ints(shape)
         count = int(np.prod(out_shape))
@@ -716,7 +719,7 @@ def constexpr_lut_to_dense(indices, lut, shape=None, vector_axis=None):
 def _lut_by_row_groups(idx: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """Each group of consecutive rows (axis 0) looks its indices up in its own table: one small take per group into
     the output, 25x faster than one fancy index over the whole weight (a 1B model's weights decompress at load)."""
-    out = np.empty(idx.shape, np.float32)
+    out = np.empty(idx.shape, lut.dtype)
     rows = idx.shape[0] // lut.shape[0]
     for g in range(lut.shape[0]):
         np.take(lut[g], idx[g * rows:(g + 1) * rows], out=out[g * rows:(g + 1) * rows])
