@@ -10,6 +10,7 @@ distribution: `next_token` works for every head, `infer` (logits) only for logit
 """
 from __future__ import annotations
 
+import concurrent.futures
 from pathlib import Path
 
 import numpy as np
@@ -60,19 +61,14 @@ class ANEModel:
         self.backend = self.backend_impl.name
         self.precision = precision
         self.bundle = discover(Path(model_dir), backend=self.backend)
-        self.tokenizer = load_tokenizer(self.bundle)
         b = self.bundle
-        self.parts = contract.describe_parts(b)
-        if self.backend == "mil":  # what the portable runtime will hold: refused at once when it cannot fit
-            self.resident_bytes = memory.model_resident_bytes(b, self.parts, precision)
-            memory.check_fits(self.resident_bytes["total"], f"{b.root} ({precision}, portable runtime)")
-        self.monolithic = b.monolithic is not None
-        # the parts with infer/prefill functions sharing the state
-        self.chunk_parts = [self.parts[contract.MONOLITHIC]] if self.monolithic else contract.chunks_of(self.parts)
-        load = self.backend_impl.load
-        self._chunks = [self._load_functions(i) for i in range(len(self.chunk_parts))]
-        self._embeddings = None if self.monolithic else load(b.embeddings)
-        self._lm_head = None if self.monolithic else load(b.lm_head)
+        # the tokenizer (importing transformers: 2-5 s) loads on a thread while the weights are read, which mostly
+        # waits on the disk, page faults and numpy with the GIL released
+        tokenizer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ane-eval-tokenizer")
+        pending = tokenizer.submit(load_tokenizer, b)
+        tokenizer.shutdown(wait=False)
+        self._load_parts(b, precision, pending)
+        self.tokenizer = pending.result()
         width = None if self.monolithic else self._embedding_width()
         self.geometry = contract.cross_check(b, self.parts, len(self.tokenizer), embeddings_width=width)
         self.context_length = self.geometry.context_length
@@ -93,6 +89,27 @@ class ANEModel:
         self._in_flight: dict = {}
         self.token_evaluations = 0  # embedding rows pushed through the chunks (prefill rows + infer tokens)
         self.reset()
+
+    def _load_parts(self, b, precision: str, tokenizer) -> None:
+        """Every part, loaded; a tokenizer that failed (`tokenizer`: its pending load) stops it between parts."""
+        def tokenizer_failed() -> None:
+            if tokenizer.done() and tokenizer.exception() is not None:
+                raise tokenizer.exception()
+        self.parts = contract.describe_parts(b)
+        if self.backend == "mil":  # what the portable runtime will hold: refused at once when it cannot fit
+            self.resident_bytes = memory.model_resident_bytes(b, self.parts, precision)
+            memory.check_fits(self.resident_bytes["total"], f"{b.root} ({precision}, portable runtime)")
+        self.monolithic = b.monolithic is not None
+        # the parts with infer/prefill functions sharing the state
+        self.chunk_parts = [self.parts[contract.MONOLITHIC]] if self.monolithic else contract.chunks_of(self.parts)
+        load = self.backend_impl.load
+        self._chunks = []
+        for i in range(len(self.chunk_parts)):
+            tokenizer_failed()
+            self._chunks.append(self._load_functions(i))
+        tokenizer_failed()
+        self._embeddings = None if self.monolithic else load(b.embeddings)
+        self._lm_head = None if self.monolithic else load(b.lm_head)
 
     # --- properties ------------------------------------------------------------------------------------------
     @property

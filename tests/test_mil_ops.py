@@ -233,6 +233,29 @@ def test_constexpr_lut_to_dense_grouped_channels(in_groups):
     expected = np.stack([[lut[c // 8, i * in_groups // 3, 0, 0, indices[c, i].astype(int), 0] for i in range(3)]
                          for c in range(16)])
     np.testing.assert_array_equal(ours, expected.astype(np.float32))
+    # the indices as the weight file stores them (still packed: looked up byte by byte on the per-grouped-channel
+    # path), with a float32 table and with the fp16 one (fp16 results)
+    for table in (lut.astype(np.float32), lut):
+        got = run("constexpr_lut_to_dense", indices=_packed4(indices.astype(np.uint8)), lut=table)
+        assert got.dtype == table.dtype
+        np.testing.assert_array_equal(got, expected.astype(table.dtype))
+
+
+def _packed4(values: np.ndarray):
+    from ane_eval.mil.blob import PackedBits
+
+    flat = np.concatenate([values.reshape(-1), np.zeros(values.size % 2, np.uint8)])  # LSB first, zero-padded
+    return PackedBits((flat[0::2] | (flat[1::2] << 4)).astype(np.uint8), 4, values.size, values.shape)
+
+
+@pytest.mark.parametrize("shape, groups", [((6, 5), 3), ((3, 5), 3), ((8, 4), 4)])
+def test_packed_lut_indices_match_unpacked_ones(shape, groups):
+    """Row groups whose indices do not start on a byte (odd counts per group) take the unpacking path, the others
+    the byte-pair tables: both give the plain lookup."""
+    indices = rng.integers(0, 16, shape).astype(np.uint8)
+    lut = rng.standard_normal((groups, 1, 16, 1)).astype(np.float16)
+    want = run("constexpr_lut_to_dense", indices=indices, lut=lut)
+    np.testing.assert_array_equal(run("constexpr_lut_to_dense", indices=_packed4(indices), lut=lut), want)
 
 
 def test_constexpr_affine_and_blockwise():
@@ -417,3 +440,17 @@ def test_unpack_bits_matches_bit_by_bit_unpacking(bits):
         short = unpack_bits(raw[:-1], bits, count)
         assert short.size == (raw.size - 1) * 8 // bits < count
         np.testing.assert_array_equal(short, want[:short.size])
+
+
+@pytest.mark.parametrize("bits", [3, 5, 6, 7])
+def test_unpack_bits_in_blocks(bits, monkeypatch):
+    """Widths that do not divide 8 unpack a block of 8-element groups at a time: several blocks, a last partial
+    block and a last partial group give the same values as bit-by-bit unpacking."""
+    from ane_eval.mil import blob
+
+    monkeypatch.setattr(blob, "UNPACK_GROUPS", 4)
+    for count in (8 * 4 * 3, 8 * 4 * 3 + 13):
+        raw = rng.integers(0, 256, (count * bits + 7) // 8).astype(np.uint8)
+        bit_array = np.unpackbits(raw, bitorder="little")[:count * bits].reshape(count, bits)
+        want = (bit_array.astype(np.int64) << np.arange(bits)).sum(axis=1)
+        np.testing.assert_array_equal(blob.unpack_bits(raw, bits, count), want)

@@ -547,14 +547,21 @@ def test_fp16_mode_rounds_every_op_output_bit_for_bit(tmp_path, n):
     assert (np.asarray(fp32, np.float32) != f(want)).mean() > 0.2  # fp32 mode does not round: the test can tell
 
 
-def test_lut_weights_are_decompressed_once_and_held_in_fp16(tmp_path):
+def test_lut_weights_are_decompressed_once_and_held_in_fp16(tmp_path, monkeypatch):
     """A palettized chunk's infer and prefill share each decompressed weight, held as fp16; the LUT indices and
-    tables are read for the decompression and not held after it (fp32 mode: one float32 copy of its own)."""
+    tables are read for the decompression and not held after it (fp32 mode: one float32 copy of its own); the
+    4-bit indices reach the lookup still packed (byte-pair tables)."""
+    from ane_eval.mil import ops
+
     chunk = shutil.copytree(next(demo.model_dir(lut=4).glob("*_chunk_01of02.mlpackage")), tmp_path / "c.mlpackage")
+    by_pairs = []
+    pairs = ops._lut_pairs_by_row_groups
+    monkeypatch.setattr(ops, "_lut_pairs_by_row_groups", lambda idx, lut: by_pairs.append(idx) or pairs(idx, lut))
     infer = mil.load(chunk, "infer")
     held = dict(infer._package.consts.values)
     dense = [v for v in held.values() if isinstance(v, list) and v[0].ndim >= 2]  # conv and linear weights
     assert dense and all(v[0].dtype == np.float16 for v in dense)
+    assert len(by_pairs) == len(dense)
     assert not [v for v in held.values() if getattr(v, "dtype", None) == np.uint8]  # no indices held
     mil.load(chunk, "prefill")
     assert len(infer._package.consts.values) == len(held)  # prefill added nothing: all shared

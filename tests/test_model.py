@@ -187,6 +187,9 @@ ZOO = {
     "corrupted blob record": (lambda d: _corrupt_record(_weights(d, "chunk_02")), BlobError, "bad sentinel"),
     "missing tokenizer": (lambda d: [(d / f).unlink() for f in ("tokenizer.json", "tokenizer_config.json")],
                           BundleError, "no tokenizer in .* ane-eval never downloads a substitute"),
+    # loaded on a thread while the weights are read (model.py): its failure arrives as the same one line
+    "corrupt tokenizer": (lambda d: (d / "tokenizer.json").write_text("{not json"), BundleError,
+                          "cannot load the tokenizer"),
     "empty directory": (lambda d: [shutil.rmtree(p) if p.is_dir() else p.unlink() for p in d.iterdir()],
                         BundleError, "the directory is empty"),
     "bad meta.yaml": (lambda d: (d / "meta.yaml").write_text("model_info: [unclosed"), BundleError,

@@ -8,6 +8,7 @@ anything is read or allocated.
 """
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
 import struct
@@ -117,16 +118,18 @@ class BlobFile:
             return self.read(offset, dtype, shape)
         return np.frombuffer(self._map(), np_dtype, count=count, offset=data_offset).reshape(shape)
 
-    def read(self, offset: int, dtype: str, shape: tuple) -> np.ndarray:
+    def read(self, offset: int, dtype: str, shape: tuple, packed: bool = False):
         """The values in fresh memory, read from the file without touching its mapping: a value read once (a
-        LUT's indices, a weight widened to float32) leaves nothing resident."""
+        LUT's indices, a weight widened to float32) leaves nothing resident. With `packed`, sub-byte values come
+        back as stored (PackedBits)."""
         data_offset, need, np_dtype, bits, count = self._locate(offset, dtype, shape)
         raw = np.empty(need, np.uint8)
         self._pread(raw, data_offset)
         if np_dtype == "bf16":
             return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
         if isinstance(np_dtype, str):  # sub-byte
-            return unpack_bits(raw, bits, count, signed=np_dtype == "int4").reshape(shape)
+            values = PackedBits(raw, bits, count, tuple(int(d) for d in shape), signed=np_dtype == "int4")
+            return values if packed else values.unpack()
         return raw.view(np_dtype).reshape(shape)
 
     def read_into(self, offset: int, dtype: str, out: np.ndarray) -> None:
@@ -162,35 +165,74 @@ def reference(root: Path, file_name: str, offset: int, t: ir.TensorType) -> ir.B
     return ir.BlobRef(path, int(offset), t)
 
 
-UNPACK_GROUPS = 1 << 20  # groups of 8 elements unpacked at a time: bounds the uint64 temporaries (8 bytes each)
+@dataclasses.dataclass(frozen=True)
+class PackedBits:
+    """Sub-byte values as the file stores them (`raw`: `count` values of `bits` bits, LSB-first), unpacked on
+    demand (numpy does so when it takes one as an array): a LUT's 4-bit indices are looked up byte by byte
+    (ops.constexpr_lut_to_dense) with no index array of their own."""
+    raw: np.ndarray
+    bits: int
+    count: int
+    shape: tuple
+    signed: bool = False
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def unpack(self) -> np.ndarray:
+        return unpack_bits(self.raw, self.bits, self.count, signed=self.signed).reshape(self.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        values = self.unpack()
+        return values if dtype is None else values.astype(dtype)
+
+
+UNPACK_GROUPS = 1 << 16  # groups of 8 elements unpacked at a time: small reused temporaries, in cache
 
 
 def unpack_bits(raw: np.ndarray, bits: int, count: int, signed: bool = False) -> np.ndarray:
-    """Elements of `bits` bits packed LSB-first into bytes -> one uint8 (or int8) per element. Any 8 consecutive
-    elements fill exactly `bits` bytes, so each such group is read as one little-endian integer and its elements
-    shifted out of it: whole-array integer ops, 5-15x faster than unpacking bit by bit (a palettized 1B
-    model's 1.2 billion indices are unpacked at load). Widths dividing 8 (1, 2, 4 bits) shift each byte alone. A
-    buffer too short for `count` gives only the elements it holds whole: callers check the count they got."""
+    """Elements of `bits` bits packed LSB-first into bytes -> one uint8 (or int8) per element. Widths dividing 8
+    (1, 2, 4 bits) shift each byte alone, straight into the output's strided slots; other widths read each 8
+    consecutive elements (exactly `bits` bytes) as one little-endian integer and shift them out, a block of groups
+    at a time through reused temporaries. The output is the only large allocation: a palettized 1B model's 1.2
+    billion indices are unpacked at load, and on this project's VM fresh memory costs ~2.5 s/GB to touch (whole-
+    array temporaries made a LUT4 model's unpacking take 12 s). A buffer too short for `count` gives only the
+    elements it holds whole: callers check the count they got."""
+    count = min(count, raw.size * 8 // bits)  # never padding
     if 8 % bits == 0:
-        need = -(-count * bits // 8)
-        shifts = np.arange(0, 8, bits, dtype=np.uint8)
-        values = ((raw[:need, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(-1)[:count]
+        per = 8 // bits
+        out = np.empty(-(-count // per) * per, np.uint8)
+        packed = raw[:out.size // per]
+        for j in range(per):  # element j of each byte: its bits j*bits.. shifted down
+            np.right_shift(packed, np.uint8(j * bits), out=out[j::per])
+        if bits < 8:
+            np.bitwise_and(out, np.uint8((1 << bits) - 1), out=out)
+        values = out[:count]
         return _signed(values, bits) if signed else values
     groups = -(-count // 8)
-    padded = np.zeros(groups * bits, np.uint8)
-    used = min(raw.size, padded.size)
-    padded[:used] = raw[:used]
-    padded = padded.reshape(groups, bits)
-    shifts = np.arange(0, 8 * bits, bits, dtype=np.uint64)
-    mask = np.uint64((1 << bits) - 1)
     out = np.empty(groups * 8, np.uint8)
-    for start in range(0, groups, UNPACK_GROUPS):
-        block = padded[start:start + UNPACK_GROUPS]
-        word = np.zeros(len(block), np.uint64)
-        for byte in range(bits):  # little-endian: byte j holds bits 8j..8j+7 of the group
-            word |= block[:, byte].astype(np.uint64) << np.uint64(8 * byte)
-        out[start * 8:(start + len(block)) * 8] = ((word[:, None] >> shifts) & mask).reshape(-1)
-    values = out[:min(count, raw.size * 8 // bits)]  # never the zero padding
+    whole = min(groups, raw.size // bits)
+    mask = np.uint64((1 << bits) - 1)
+    word, part = np.empty(min(whole, UNPACK_GROUPS), np.uint64), np.empty(min(whole, UNPACK_GROUPS), np.uint64)
+    for start in range(0, whole, UNPACK_GROUPS):
+        block = raw[start * bits:min(start + UNPACK_GROUPS, whole) * bits].reshape(-1, bits)
+        w, p = word[:len(block)], part[:len(block)]
+        w[:] = block[:, 0]
+        for byte in range(1, bits):  # little-endian: byte j holds bits 8j..8j+7 of the group
+            np.left_shift(block[:, byte], np.uint64(8 * byte), out=p, dtype=np.uint64)
+            w |= p
+        rows = out[start * 8:(start + len(block)) * 8].reshape(-1, 8)
+        for k in range(8):
+            np.right_shift(w, np.uint64(k * bits), out=p)
+            p &= mask
+            rows[:, k] = p
+    if whole < groups:  # the last group, short of bytes: zero-padded (its padding is cut off below)
+        tail = np.zeros(bits, np.uint8)
+        rest = raw[whole * bits:]
+        tail[:rest.size] = rest
+        out[whole * 8:] = unpack_bits(tail, bits, 8)
+    values = out[:count]
     return _signed(values, bits) if signed else values
 
 

@@ -60,14 +60,15 @@ class ConstStore:
             return ("blob", str(v.path), v.offset)
         return None
 
-    def value(self, v, stored: bool = False, keep: bool = True, mapped: bool = False):
+    def value(self, v, stored: bool = False, keep: bool = True, mapped: bool = False, packed: bool = False):
         """A constant in compute form: inline values converted, stored ones read (once per package). With
         `stored`, a stored constant as the file holds it (fp16 tables only gathered from, fp16 weights: the
         interpreter's _fp16_resident). Without `keep`, read and not held (the inputs of a decompression, whose
         result is what is held). With `mapped` (a table only gathered from), a stored constant held is the weight
         file's own pages (blob.BlobFile.view): resident only where rows are gathered. Projection weights are read
         into memory of their own instead, in huge pages where the system has them: streaming a file mapping's
-        4 KB pages, a 64-row prefill product ran 20-30 % slower."""
+        4 KB pages, a 64-row prefill product ran 20-30 % slower. With `packed` (a LUT's indices), sub-byte values
+        not held come back as stored (blob.PackedBits)."""
         source = self.source(v)
         if source is None:
             return compute_form(v)
@@ -82,7 +83,7 @@ class ConstStore:
         elif stored and keep and mapped:
             value = self._file(v).view(v.offset, v.type.dtype, v.type.shape)
         else:
-            value = self._file(v).read(v.offset, v.type.dtype, v.type.shape)
+            value = self._file(v).read(v.offset, v.type.dtype, v.type.shape, packed=packed and not keep)
             value = value if stored else compute_form(value)
         if keep:
             self.values[key] = value
@@ -203,6 +204,8 @@ class Plan:
         self.gathered = _read_only_by(operations, self.outputs, self.fp16_resident,
                                       lambda op_type, key: (op_type, key) == ("gather", "x"))
         self.transient = _decompression_inputs(operations, self.outputs)
+        self.packed = _read_only_by(operations, self.outputs, self.transient,
+                                    lambda op_type, key: (op_type, key) == ("constexpr_lut_to_dense", "indices"))
         self.sources: dict[str, tuple] = {}  # const value name -> the stored constant it was read from
         with np.errstate(all="ignore"):  # constant folding runs kernels too (see run)
             for o in operations:
@@ -214,7 +217,7 @@ class Plan:
         last_use = self._last_uses()
         self._plan_frees(last_use)
         self._segments = self._compile(last_use)
-        del self.known, self.alias, self.types, self.steps, self.fp16_resident, self.gathered, self.transient, self.sources  # planning only: the code holds the rest
+        del self.known, self.alias, self.types, self.steps, self.fp16_resident, self.gathered, self.transient, self.packed, self.sources  # planning only: the code holds the rest
 
     @staticmethod
     def _check_supported(fn: ir.Function) -> None:
@@ -224,25 +227,26 @@ class Plan:
             raise UnsupportedOpsError(f"function {fn.name!r} uses ops the portable runtime does not implement: "
                                       f"{listing}")
 
-    def _arg_value(self, arg: ir.Arg, consts: ConstStore, keep: bool = True):
+    def _arg_value(self, arg: ir.Arg, consts: ConstStore, keep: bool = True, packed: bool = False):
         if arg.name is not None:
             if arg.name in self.alias:
                 return self.alias[arg.name]
             return self.known.get(arg.name, _Var(arg.name))
-        return consts.value(arg.value, keep=keep)
+        return consts.value(arg.value, keep=keep, packed=packed)
 
     def _prepare(self, o: ir.Op, consts: ConstStore) -> None:
         if o.blocks:
             raise UnsupportedOpsError(f"op {o.type} with nested blocks (control flow) is not supported")
         args = {}
         for key, bindings in o.inputs.items():
-            vals = [self._arg_value(a, consts, keep=o.type not in CONSTEXPR) for a in bindings]  # see transient
+            vals = [self._arg_value(a, consts, keep=o.type not in CONSTEXPR,  # see transient and packed
+                                    packed=(o.type, key) == ("constexpr_lut_to_dense", "indices")) for a in bindings]
             args[key] = vals if key in VARIADIC or len(vals) > 1 else vals[0]
         if o.type == "const":
             v = o.attributes.get("val")
             name = o.outputs[0][0]
             self.known[name] = consts.value(v, name in self.fp16_resident, keep=name not in self.transient,
-                                            mapped=name in self.gathered)
+                                            mapped=name in self.gathered, packed=name in self.packed)
             if ConstStore.source(v) is not None:
                 self.sources[name] = ConstStore.source(v)
             return

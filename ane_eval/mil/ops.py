@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 
 import numpy as np
 
+from .blob import PackedBits, unpack_bits
 from .gemm import weight_product
 
 KERNELS: dict = {}
@@ -687,13 +689,12 @@ def argsort(x, axis=-1, ascending=False):
 def constexpr_lut_to_dense(indices, lut, shape=None, vector_axis=None):
     # an fp16 table gives fp16 values (the interpreter hands one in for fp16-resident weights: no float32 copy of
     # the weight at load); anything else float32
-    lut, idx = np.asarray(lut), np.asarray(indices)
+    lut = np.asarray(lut)
     lut = lut if lut.dtype == np.float16 else f32(lut)
     if shape is not None:  # iOS16 form: flat lut of 2^n values, packed indices, explicit output shape
         out_shape = ints(shape)
         count = int(np.prod(out_shape))
         bits = int(math.log2(lut.shape[0]))
-        from .blob import unpack_bits
         flat = unpack_bits(np.asarray(indices, dtype=np.uint8).reshape(-1), bits, count)
         return lut[flat.astype(np.int64)].reshape(out_shape)
     # iOS18 form: lut (G_0, ..., G_{r-1}, 2^n, vector_size); group sizes are dims of indices / G_i
@@ -706,8 +707,8 @@ def constexpr_lut_to_dense(indices, lut, shape=None, vector_axis=None):
         raise OpError(f"constexpr_lut_to_dense: a lut of shape {lut.shape} does not split indices of shape "
                       f"{np.shape(indices)} into equal groups")
     if rank and all(g == 1 for g in groups[1:]):  # groups of output channels (per_grouped_channel): block by block
-        return _lut_by_row_groups(np.asarray(indices), lut.reshape(groups[0], -1))
-    idx = idx.astype(np.int64)
+        return _lut_by_row_groups(indices, lut.reshape(groups[0], -1))
+    idx = np.asarray(indices).astype(np.int64)
     group_idx = []
     for axis in range(rank):
         size = idx.shape[axis] // groups[axis]
@@ -716,14 +717,41 @@ def constexpr_lut_to_dense(indices, lut, shape=None, vector_axis=None):
     return lut[tuple(group_idx) + (idx, 0)]
 
 
-def _lut_by_row_groups(idx: np.ndarray, lut: np.ndarray) -> np.ndarray:
+def _lut_by_row_groups(indices, lut: np.ndarray) -> np.ndarray:
     """Each group of consecutive rows (axis 0) looks its indices up in its own table: one small take per group into
-    the output, 25x faster than one fancy index over the whole weight (a 1B model's weights decompress at load)."""
+    the output, 25x faster than one fancy index over the whole weight (a 1B model's weights decompress at load).
+    4-bit indices still packed (blob.PackedBits) are looked up a byte at a time in a table of value pairs."""
+    if _pairs_apply(indices, lut.shape[0]):
+        return _lut_pairs_by_row_groups(indices, lut)
+    idx = np.asarray(indices)
     out = np.empty(idx.shape, lut.dtype)
     rows = idx.shape[0] // lut.shape[0]
     for g in range(lut.shape[0]):
         np.take(lut[g], idx[g * rows:(g + 1) * rows], out=out[g * rows:(g + 1) * rows])
     return out
+
+
+def _pairs_apply(indices, groups: int) -> bool:
+    return (isinstance(indices, PackedBits) and indices.bits == 4 and not indices.signed and sys.byteorder == "little"
+            and indices.count % (2 * groups) == 0)  # every group starts on a byte
+
+
+def _lut_pairs_by_row_groups(indices: "PackedBits", lut: np.ndarray) -> np.ndarray:
+    """Byte v of packed 4-bit indices holds elements 2i (v & 15) and 2i+1 (v >> 4); little-endian, the two output
+    values side by side are one integer of twice the width, lut[v & 15] | lut[v >> 4] << width. So each group's
+    256 such pairs are one table, taken by the bytes themselves: no unpacking, half the takes (load time of a LUT4
+    1B model: see README Benchmarks)."""
+    bits = lut.dtype.itemsize * 8
+    code, wide = {16: (np.uint16, np.uint32), 32: (np.uint32, np.uint64)}[bits]
+    v = np.arange(256)
+    codes = lut.view(code).astype(wide)
+    pairs = codes[:, v & 15] | (codes[:, v >> 4] << wide(bits))  # (groups, 256)
+    out = np.empty(indices.count, lut.dtype)
+    out_pairs = out.view(wide)
+    step = indices.count // 2 // lut.shape[0]  # bytes per group
+    for g in range(lut.shape[0]):
+        np.take(pairs[g], indices.raw[g * step:(g + 1) * step], out=out_pairs[g * step:(g + 1) * step])
+    return out.reshape(indices.shape)
 
 
 @op("constexpr_affine_dequantize")
