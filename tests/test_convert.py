@@ -130,6 +130,7 @@ def test_lut_variant_is_palettized():
     ({"split_lm_head": 5}, "vocabulary 1008 is not divisible by split_lm_head 5"),
     ({"context_length": 100, "batch_size": 32}, "context length 100 is not a positive multiple of batch size 32"),
     ({"lut_ffn": 5}, "lut_ffn=5: palettization supports"),
+    ({"lut_ffn": 4, "lut_mode": "linear"}, "lut_mode='linear': LUTs are made by 'kmeans' or 'uniform'"),
     ({"split_lm_head": 16, "lut_lmhead": 4}, r"LM head parts of width \[63\] cannot be palettized in groups of 8"),
 ])
 def test_refused_inputs(tmp_path, opts, message):
@@ -214,3 +215,23 @@ def test_training_corpus_is_deterministic():
     assert world.corpus(50, seed=3) == world.corpus(50, seed=3)
     assert world.corpus(50, seed=3) != world.corpus(50, seed=4)
     assert len({p.name for p in world.WORLD}) == 40
+
+
+@pytest.mark.parametrize("mode", ["uniform", "kmeans"])
+def test_lut_mode(tmp_path, mode):
+    """--lut-mode uniform: each group's 16 levels evenly spaced, so every dequantized weight of a group of 8 output
+    channels lies on one grid (up to fp16 rounding); k-means levels do not."""
+    from ane_eval import mil
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", layers=1, vocab=1008)
+    out = build(ckpt, tmp_path / "out", BuildOptions(context_length=64, batch_size=16, lut_ffn=4, lut_mode=mode))
+    chunk = mil.load(next(out.glob("*_chunk_01of01.mlpackage")), "infer")
+    weights = [v[0] for k, v in chunk._package.consts.values.items() if k[0] == "constexpr_lut_to_dense"]
+    assert weights
+    on_grid = []
+    for w in weights:
+        for group in w.astype(np.float64).reshape(-1, 8, int(np.prod(w.shape[1:]))):
+            levels = np.unique(group)
+            step = (levels[-1] - levels[0]) / 15
+            on_grid.append(np.allclose(np.diff(levels) / step, np.round(np.diff(levels) / step), atol=0.05))
+    assert all(on_grid) if mode == "uniform" else not all(on_grid)

@@ -48,6 +48,9 @@ class BuildOptions:
     lut_ffn: int | None = None
     lut_lmhead: int | None = None
     lut_embeddings: int | None = None
+    # how the LUTs are made (coremltools OpPalettizerConfig mode): "kmeans", as ANEMLL converts (slow: ~2 h for a
+    # 1B model on one core), or "uniform" (evenly spaced levels; the same file format and load work, minutes)
+    lut_mode: str = "kmeans"
     state_length: int | None = None  # default: the context length
     prefix: str | None = None  # default: the architecture family
     name: str | None = None
@@ -88,6 +91,8 @@ def check_options(arch, opts: BuildOptions) -> None:
         bits = getattr(opts, key)
         if bits is not None and bits not in (1, 2, 3, 4, 6, 8):
             problems.append(f"{key}={bits}: palettization supports 1, 2, 3, 4, 6 or 8 bits")
+    if opts.lut_mode not in ("kmeans", "uniform"):
+        problems.append(f"lut_mode={opts.lut_mode!r}: LUTs are made by 'kmeans' or 'uniform'")
     # coremltools silently leaves a weight unpalettized when its output channels do not split into LUT groups,
     # which would make the lut_* names lie: refuse instead
     if (opts.lut_lmhead or (opts.monolithic and opts.lut_ffn)) and K >= 1:  # a monolithic head takes lut_ffn
@@ -168,9 +173,9 @@ def part_names(prefix: str, opts: BuildOptions) -> dict:
     }
 
 
-def _convert(program, bits: int | None, inputs=None, weight_ops=("conv", "linear")):
-    """Convert a MIL program; with `bits`, k-means palettize the weights feeding `weight_ops` (only those: the
-    RoPE tables and other constants stay fp16, as in upstream's models)."""
+def _convert(program, bits: int | None, inputs=None, weight_ops=("conv", "linear"), mode: str = "kmeans"):
+    """Convert a MIL program; with `bits`, palettize the weights feeding `weight_ops` (only those: the RoPE tables
+    and other constants stay fp16, as in upstream's models) with LUTs made by `mode` (BuildOptions.lut_mode)."""
     import coremltools as ct
     import coremltools.optimize.coreml as cto
 
@@ -179,7 +184,7 @@ def _convert(program, bits: int | None, inputs=None, weight_ops=("conv", "linear
     model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                        compute_precision=ct.precision.FLOAT16, inputs=inputs, skip_model_load=True)
     if bits:
-        cfg = cto.OpPalettizerConfig(nbits=bits, mode="kmeans", granularity="per_grouped_channel",
+        cfg = cto.OpPalettizerConfig(nbits=bits, mode=mode, granularity="per_grouped_channel",
                                      group_size=LUT_GROUP)
         model = cto.palettize_weights(model, cto.OptimizationConfig(op_type_configs={op: cfg for op in weight_ops}))
     return model
@@ -257,7 +262,7 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
         if opts.monolithic:
             programs = {fn: monolithic_program(arch, weights, T, C, S, fn == "prefill", opts.split_lm_head, opts.argmax)
                         for fn, T in (("infer", 1), ("prefill", B))}
-            _save_multifunction(tmp, programs, opts.lut_ffn, tmp / f"{names['monolithic']}.mlpackage",
+            _save_multifunction(tmp, programs, opts.lut_ffn, opts.lut_mode, tmp / f"{names['monolithic']}.mlpackage",
                                 {"com.anemll.context_length": C, "com.anemll.info": common["com.anemll.info"],
                                  "com.anemll.batch_size": B, "com.anemll.lut_bits": opts.lut_ffn or "none",
                                  "com.anemll.functions": ",".join(programs), **head_md})
@@ -267,7 +272,7 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
                                   shape=ct.EnumeratedShapes(shapes=[[1, 1], [1, B]], default=[1, 1]))
         emb_program = (gemma3.gemma3_embeddings_program if arch.family == "gemma3" else embeddings_program)
         model = _convert(emb_program(arch, weights), opts.lut_embeddings, inputs=[emb_input],
-                         weight_ops=("gather",))
+                         weight_ops=("gather",), mode=opts.lut_mode)
         _save_with_metadata(model, tmp / f"{names['embeddings']}.mlpackage",
                             {**common, "com.anemll.lut_bits": opts.lut_embeddings or "none"})
 
@@ -284,10 +289,11 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
                 groups = {"": [f for f in programs if not f.endswith("_rotate")],
                           "_rot": [f for f in programs if f.endswith("_rotate")]}
             for suffix, fns in groups.items():
-                _save_multifunction(tmp, {fn: programs[fn] for fn in fns}, opts.lut_ffn,
+                _save_multifunction(tmp, {fn: programs[fn] for fn in fns}, opts.lut_ffn, opts.lut_mode,
                                     tmp / f"{names['chunks'][c]}{suffix}.mlpackage", chunk_md)
 
-        model = _convert(lm_head_program(arch, weights, opts.split_lm_head, argmax=opts.argmax), opts.lut_lmhead)
+        model = _convert(lm_head_program(arch, weights, opts.split_lm_head, argmax=opts.argmax), opts.lut_lmhead,
+                         mode=opts.lut_mode)
         _save_with_metadata(model, tmp / f"{names['lm_head']}.mlpackage",
                             {**common, "com.anemll.lut_bits": opts.lut_lmhead or "none", **head_md})
         _finish(tmp, out_dir, opts, arch, names, checkpoint)
@@ -297,7 +303,7 @@ def _build(checkpoint: Path, out_dir: Path, opts: BuildOptions, arch) -> Path:
     return out_dir
 
 
-def _save_multifunction(tmp: Path, programs: dict, bits: int | None, out: Path, metadata: dict) -> None:
+def _save_multifunction(tmp: Path, programs: dict, bits: int | None, mode: str, out: Path, metadata: dict) -> None:
     """One file with a function per program (the first, `infer` or `infer_rotate`, the default), as combine_models
     does with ct.utils.save_multifunction; each function is palettized before the merge (the merge dedupes
     weights)."""
@@ -306,7 +312,7 @@ def _save_multifunction(tmp: Path, programs: dict, bits: int | None, out: Path, 
     parts = {}
     for fn, prog in programs.items():
         parts[fn] = tmp / f"{fn}.mlpackage"
-        _convert(prog, bits).save(str(parts[fn]))
+        _convert(prog, bits, mode=mode).save(str(parts[fn]))
     desc = ct.utils.MultiFunctionDescriptor()
     for fn, path in parts.items():
         desc.add_function(str(path), src_function_name="main", target_function_name=fn)
@@ -438,6 +444,8 @@ def main(argv=None) -> int:
     for f in ("single_cache", "split_rotate", "update_mask_prefill"):
         ap.add_argument("--" + f.replace("_", "-"), action="store_true", help="Gemma 3 only")
     ap.add_argument("--prefix")
+    ap.add_argument("--lut-mode", choices=("kmeans", "uniform"), default="kmeans",
+                    help="how LUTs are made (default kmeans, as ANEMLL; uniform: evenly spaced levels, much faster)")
     ap.add_argument("--argmax", action="store_true", help="LM head returns argmax_idx/argmax_val (ANEMLL 0.3.5)")
     ap.add_argument("--monolithic", action="store_true", help="one file: embeddings + layers + LM head (0.3.5)")
     ap.add_argument("--meta-version", choices=VERSIONS, help="meta.yaml layout (default 0.3.4, or 0.3.5 with "

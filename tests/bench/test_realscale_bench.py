@@ -4,9 +4,11 @@ against HF transformers eager fp32 on the same weights: load time, peak RSS over
 and decode speed, and this machine's measured GEMV bandwidth with the decode limits it implies.
 
 Each side runs in a subprocess of its own (tests/bench/realscale.py), so peak RSS is that side's alone. The
-checkpoint and the built models (~10 GB peak to build, ~2 min; the LUT variant ~2 h on one core) are cached under
-$ANE_EVAL_BENCH_CACHE (default: <tmp>/ane-eval-bench), keyed by the converter's fingerprint.
+checkpoint and the built models (~10 GB peak to build, ~5 min; the LUT variant ~7 min with uniform LUTs, ~2 h with
+k-means ones on one core) are cached under $ANE_EVAL_BENCH_CACHE (default: <tmp>/ane-eval-bench), keyed by the
+converter's fingerprint.
     pytest tests/bench/test_realscale_bench.py -m slow --benchmark-enable -s
+    ANE_EVAL_BENCH_LUT=uniform pytest ...   # also the LUT4-FFN / LUT6-head variant (=1: k-means LUTs, as ANEMLL)
 Nothing here asserts on time: the figures are printed and recorded in the benchmark's extra_info.
 """
 from __future__ import annotations
@@ -146,11 +148,13 @@ def test_llama_1b_runtime_vs_torch(benchmark):
     # peak memory is not timing noise: asserted (held as stored, the weights are 0.5x their float32 bytes; the
     # embedding table is resident only where gathered)
     assert info["peak_rss_over_fp32_weights_mil"] <= TARGETS["peak_rss_over_fp32_weights"]
-    if os.environ.get("ANE_EVAL_BENCH_LUT"):  # LUT4 FFN / LUT6 head: k-means palettization of 1B weights is slow
-        _, lut = built("lut4-6", lut_ffn=4, lut_lmhead=6)
+    lut_mode = os.environ.get("ANE_EVAL_BENCH_LUT")
+    if lut_mode:  # LUT4 FFN / LUT6 head: "uniform" LUTs build in minutes, k-means ("1", as ANEMLL) in ~2 hours
+        mode = "uniform" if lut_mode == "uniform" else "kmeans"
+        _, lut = built("lut4-6" + ("-uniform" if mode == "uniform" else ""), lut_ffn=4, lut_lmhead=6, lut_mode=mode)
         lut_mil = run_side("mil", lut)
-        info["lut4_ffn_lut6_head"] = {k: v for k, v in report("llama-1b-lut4/6", lut_mil, hf, params_of(LLAMA_1B),
-                                                                bandwidth).items() if k.endswith("mil")
-                                      or k.endswith("ratio")}
+        info["lut4_ffn_lut6_head"] = {k: v for k, v in report(f"llama-1b-lut4/6-{mode}", lut_mil, hf,
+                                                                params_of(LLAMA_1B), bandwidth).items()
+                                      if k.endswith("mil") or k.endswith("ratio")}
     benchmark.extra_info.update(info)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the figures are measured above, in subprocesses
