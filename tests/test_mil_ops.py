@@ -236,26 +236,32 @@ def test_constexpr_lut_to_dense_grouped_channels(in_groups):
     # the indices as the weight file stores them (still packed: looked up byte by byte on the per-grouped-channel
     # path), with a float32 table and with the fp16 one (fp16 results)
     for table in (lut.astype(np.float32), lut):
-        got = run("constexpr_lut_to_dense", indices=_packed4(indices.astype(np.uint8)), lut=table)
+        got = run("constexpr_lut_to_dense", indices=_packed(indices.astype(np.uint8)), lut=table)
         assert got.dtype == table.dtype
         np.testing.assert_array_equal(got, expected.astype(table.dtype))
 
 
-def _packed4(values: np.ndarray):
+def _packed(values: np.ndarray, bits: int = 4):
+    """Values as a weight file packs them (LSB first, zero-padded to a byte), still packed (blob.PackedBits)."""
     from ane_eval.mil.blob import PackedBits
 
-    flat = np.concatenate([values.reshape(-1), np.zeros(values.size % 2, np.uint8)])  # LSB first, zero-padded
-    return PackedBits((flat[0::2] | (flat[1::2] << 4)).astype(np.uint8), 4, values.size, values.shape)
+    bit_array = ((values.reshape(-1, 1) >> np.arange(bits)) & 1).astype(np.uint8)
+    return PackedBits(np.packbits(bit_array.reshape(-1), bitorder="little"), bits, values.size, values.shape)
 
 
-@pytest.mark.parametrize("shape, groups", [((6, 5), 3), ((3, 5), 3), ((8, 4), 4)])
-def test_packed_lut_indices_match_unpacked_ones(shape, groups):
-    """Row groups whose indices do not start on a byte (odd counts per group) take the unpacking path, the others
-    the byte-pair tables: both give the plain lookup."""
-    indices = rng.integers(0, 16, shape).astype(np.uint8)
-    lut = rng.standard_normal((groups, 1, 16, 1)).astype(np.float16)
+@pytest.mark.parametrize("bits, shape, groups", [(4, (6, 5), 3), (4, (3, 5), 3), (4, (8, 4), 4), (6, (16, 12), 4),
+                                                 (3, (8, 8), 4), (6, (6, 5), 3)])
+def test_packed_lut_indices_match_unpacked_ones(bits, shape, groups, monkeypatch):
+    """Packed indices give the plain lookup on each path: 4-bit groups starting on a byte through byte-pair tables,
+    other widths whose groups start on a byte unpacked a few groups at a time (here one or two per call), the rest
+    (odd-sized groups) unpacked whole."""
+    from ane_eval.mil import ops
+
+    monkeypatch.setattr(ops, "UNPACKED_PER_CALL", 2 * shape[1] * shape[0] // groups - 1)
+    indices = rng.integers(0, 2 ** bits, shape).astype(np.uint8)
+    lut = rng.standard_normal((groups, 1, 2 ** bits, 1)).astype(np.float16)
     want = run("constexpr_lut_to_dense", indices=indices, lut=lut)
-    np.testing.assert_array_equal(run("constexpr_lut_to_dense", indices=_packed4(indices), lut=lut), want)
+    np.testing.assert_array_equal(run("constexpr_lut_to_dense", indices=_packed(indices, bits), lut=lut), want)
 
 
 def test_constexpr_affine_and_blockwise():

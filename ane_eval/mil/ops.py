@@ -723,12 +723,40 @@ def _lut_by_row_groups(indices, lut: np.ndarray) -> np.ndarray:
     4-bit indices still packed (blob.PackedBits) are looked up a byte at a time in a table of value pairs."""
     if _pairs_apply(indices, lut.shape[0]):
         return _lut_pairs_by_row_groups(indices, lut)
+    if _on_bytes(indices, lut.shape[0]):  # other widths: unpacked a few groups at a time, no whole index array
+        return _lut_unpacking_by_row_groups(indices, lut)
     idx = np.asarray(indices)
     out = np.empty(idx.shape, lut.dtype)
     rows = idx.shape[0] // lut.shape[0]
     for g in range(lut.shape[0]):
         np.take(lut[g], idx[g * rows:(g + 1) * rows], out=out[g * rows:(g + 1) * rows])
     return out
+
+
+UNPACKED_PER_CALL = 1 << 20  # indices unpacked at a time by _lut_unpacking_by_row_groups (whole groups)
+
+
+def _on_bytes(indices, groups: int) -> bool:
+    """Packed indices whose every group starts on a byte."""
+    return (isinstance(indices, PackedBits) and not indices.signed
+            and indices.count % groups == 0 and (indices.count // groups * indices.bits) % 8 == 0)
+
+
+def _lut_unpacking_by_row_groups(indices: "PackedBits", lut: np.ndarray) -> np.ndarray:
+    """_lut_by_row_groups over packed indices, unpacked whole groups at a time into a small buffer: a 6-bit LM head
+    part's 33M indices never exist as one array (whose memory, freed, glibc would keep in its heap)."""
+    out = np.empty(indices.count, lut.dtype)
+    per_group = indices.count // lut.shape[0]
+    step = max(1, UNPACKED_PER_CALL // per_group)  # groups per unpacking
+    group_bytes = per_group * indices.bits // 8
+    for first in range(0, lut.shape[0], step):
+        last = min(first + step, lut.shape[0])
+        idx = unpack_bits(indices.raw[first * group_bytes:last * group_bytes], indices.bits,
+                          (last - first) * per_group)
+        for g in range(first, last):
+            np.take(lut[g], idx[(g - first) * per_group:(g - first + 1) * per_group],
+                    out=out[g * per_group:(g + 1) * per_group])
+    return out.reshape(indices.shape)
 
 
 def _pairs_apply(indices, groups: int) -> bool:
