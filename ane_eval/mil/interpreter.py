@@ -204,8 +204,6 @@ class Plan:
         self.gathered = _read_only_by(operations, self.outputs, self.fp16_resident,
                                       lambda op_type, key: (op_type, key) == ("gather", "x"))
         self.transient = _decompression_inputs(operations, self.outputs)
-        self.packed = _read_only_by(operations, self.outputs, self.transient,
-                                    lambda op_type, key: (op_type, key) == ("constexpr_lut_to_dense", "indices"))
         self.sources: dict[str, tuple] = {}  # const value name -> the stored constant it was read from
         with np.errstate(all="ignore"):  # constant folding runs kernels too (see run)
             for o in operations:
@@ -217,7 +215,7 @@ class Plan:
         last_use = self._last_uses()
         self._plan_frees(last_use)
         self._segments = self._compile(last_use)
-        del self.known, self.alias, self.types, self.steps, self.fp16_resident, self.gathered, self.transient, self.packed, self.sources  # planning only: the code holds the rest
+        del self.known, self.alias, self.types, self.steps, self.fp16_resident, self.gathered, self.transient, self.sources  # planning only: the code holds the rest
 
     @staticmethod
     def _check_supported(fn: ir.Function) -> None:
@@ -239,14 +237,15 @@ class Plan:
             raise UnsupportedOpsError(f"op {o.type} with nested blocks (control flow) is not supported")
         args = {}
         for key, bindings in o.inputs.items():
-            vals = [self._arg_value(a, consts, keep=o.type not in CONSTEXPR,  # see transient and packed
+            # a LUT's stored indices reach its kernel still packed (ConstStore.value)
+            vals = [self._arg_value(a, consts, keep=o.type not in CONSTEXPR,  # see transient
                                     packed=(o.type, key) == ("constexpr_lut_to_dense", "indices")) for a in bindings]
             args[key] = vals if key in VARIADIC or len(vals) > 1 else vals[0]
         if o.type == "const":
             v = o.attributes.get("val")
             name = o.outputs[0][0]
             self.known[name] = consts.value(v, name in self.fp16_resident, keep=name not in self.transient,
-                                            mapped=name in self.gathered, packed=name in self.packed)
+                                            mapped=name in self.gathered)
             if ConstStore.source(v) is not None:
                 self.sources[name] = ConstStore.source(v)
             return

@@ -721,10 +721,10 @@ def _lut_by_row_groups(indices, lut: np.ndarray) -> np.ndarray:
     """Each group of consecutive rows (axis 0) looks its indices up in its own table: one small take per group into
     the output, 25x faster than one fancy index over the whole weight (a 1B model's weights decompress at load).
     4-bit indices still packed (blob.PackedBits) are looked up a byte at a time in a table of value pairs."""
-    if _pairs_apply(indices, lut.shape[0]):
-        return _lut_pairs_by_row_groups(indices, lut)
-    if _on_bytes(indices, lut.shape[0]):  # other widths: unpacked a few groups at a time, no whole index array
-        return _lut_unpacking_by_row_groups(indices, lut)
+    if _on_bytes(indices, lut.shape[0]):
+        if indices.bits == 4 and sys.byteorder == "little":
+            return _lut_pairs_by_row_groups(indices, lut)
+        return _lut_unpacking_by_row_groups(indices, lut)  # other widths: a few groups at a time, no index array
     idx = np.asarray(indices)
     out = np.empty(idx.shape, lut.dtype)
     rows = idx.shape[0] // lut.shape[0]
@@ -757,11 +757,6 @@ def _lut_unpacking_by_row_groups(indices: "PackedBits", lut: np.ndarray) -> np.n
             np.take(lut[g], idx[(g - first) * per_group:(g - first + 1) * per_group],
                     out=out[g * per_group:(g + 1) * per_group])
     return out.reshape(indices.shape)
-
-
-def _pairs_apply(indices, groups: int) -> bool:
-    return (isinstance(indices, PackedBits) and indices.bits == 4 and not indices.signed and sys.byteorder == "little"
-            and indices.count % (2 * groups) == 0)  # every group starts on a byte
 
 
 def _lut_pairs_by_row_groups(indices: "PackedBits", lut: np.ndarray) -> np.ndarray:
