@@ -393,8 +393,8 @@ def test_fp16_rounding_of_other_inputs_and_without_torch(monkeypatch):
 @pytest.mark.parametrize("columns", [1, 64])
 def test_fp16_weight_products_equal_float32_weights(monkeypatch, columns):
     """conv and linear with an fp16-resident weight: the blocked path (many blocks) gives the float32 weight's
-    bits. torch's fp16 GEMV for one fp16 column rounded to fp16 sums in another float32 order: it meets the error
-    bound the float32 path meets (half an fp16 ulp plus float32 accumulation, n 2^-24 sum|w x|, against the exact
+    bits. The fp16 GEMV for one column whose output is rounded to fp16 sums in another float32 order: rounded, it
+    meets the error bound the float32 path meets (half an fp16 ulp plus float32 accumulation, n 2^-24 sum|w x|, against the exact
     float64 product) and differs from it in under 1 % of the outputs."""
     from ane_eval.mil import gemm
 
@@ -412,17 +412,52 @@ def test_fp16_weight_products_equal_float32_weights(monkeypatch, columns):
     if columns > 1:  # several columns: the blocked path, bit for bit
         np.testing.assert_array_equal(fast, want)
         return
-    fast, want = fast.reshape(-1), want.reshape(-1)
+    fast, want = fast.reshape(-1).astype(np.float16).astype(np.float32), want.reshape(-1)  # as the caller rounds
     w64, x64 = w16.astype(np.float64), x.reshape(-1).astype(np.float64)
     exact = w64 @ x64
     bound = np.spacing(np.abs(exact).astype(np.float16)).astype(np.float64) / 2 + 2048 * 2**-24 * (np.abs(w64) @ np.abs(x64))
     for result in (want.astype(np.float16), fast):
         assert (np.abs(result.astype(np.float64) - exact) <= bound).all()
-    assert np.array_equal(fast, fast.astype(np.float16).astype(np.float32))  # rounded to fp16
     differ = (fast != want.astype(np.float16).astype(np.float32)).mean()
     assert 0 < differ < 0.01  # the GEMV ran (some sums round the other way), and rarely differs
     lin = KERNELS["linear"](x=rows, weight=w16, _fp16_values=True).reshape(-1)
-    np.testing.assert_array_equal(lin, fast)
+    np.testing.assert_array_equal(lin.astype(np.float16).astype(np.float32), fast)
+
+
+@pytest.mark.parametrize("cols", [1, 15, 16, 63, 64, 67, 2048])  # every tail of the 8/16/32/64-wide loops
+def test_fp16_gemv_code_paths_sum_the_exact_products(cols):
+    """Each code path of the fp16 GEMV this CPU has (the fastest is the one used) against the float64 product:
+    within float32 accumulation's bound, n 2^-24 sum|w x|, with fp16 subnormals, signed zeros and the largest
+    fp16 values among the weights; and over row counts that split unevenly."""
+    from ane_eval.mil import _fp16gemv, gemm
+
+    w = (rng.standard_normal((37, cols)) * 0.05).astype(np.float16)
+    w.reshape(-1)[::7] = np.float16(6e-6)  # subnormal (fp16's smallest normal is 6.1e-5)
+    w.reshape(-1)[3::11] = np.float16(-0.0)
+    w.reshape(-1)[5::13] = np.float16(-65504)
+    x = rng.standard_normal(cols).astype(np.float32)
+    exact = w.astype(np.float64) @ x.astype(np.float64)
+    bound = cols * 2**-24 * (np.abs(w.astype(np.float64)) @ np.abs(x.astype(np.float64))) + 1e-30
+    assert "generic" in _fp16gemv.isas() and _fp16gemv.fastest() in _fp16gemv.isas()
+    for name, isa in _fp16gemv.isas().items():
+        out = np.full(37, np.nan, np.float32)
+        _fp16gemv.gemv(w, x, out, cols, isa)
+        assert (np.abs(out - exact) <= bound).all(), name
+    split = gemm._gemv(np.repeat(w, 300, axis=0), x)  # 11,100 rows: split over the cores when the weight is large
+    np.testing.assert_array_equal(split, np.repeat(np.asarray([gemm._gemv(w[i:i + 1], x)[0] for i in range(37)]), 300))
+
+
+def test_fp16_gemv_refuses_buffers_of_the_wrong_size():
+    from ane_eval.mil import _fp16gemv
+
+    w, x, out = np.zeros((4, 8), np.float16), np.zeros(8, np.float32), np.zeros(4, np.float32)
+    for args in [(w, x[:7], out, 8), (w, x, out[:3], 8), (w[:, :7].copy(), x, out, 8), (w, x, out, 0)]:
+        with pytest.raises(ValueError, match="gemv: "):
+            _fp16gemv.gemv(*args)
+    with pytest.raises(ValueError, match="not available"):
+        _fp16gemv.gemv(w, x, out, 8, 99)
+    with pytest.raises(ValueError):  # a strided view is not one contiguous buffer
+        _fp16gemv.gemv(np.zeros((4, 16), np.float16)[:, ::2], x, out, 8)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])

@@ -3,31 +3,33 @@ bound by memory bandwidth, and fp16 weights are half the bytes of float32 ones.
 
 Two ways, both computing the op in float32 from fp16 operands (CoreML's fp16 semantics):
 
-- one column (a decode step's projections) whose inputs are fp16 values and whose output is rounded to fp16 right
-  after (fp16 mode): torch's fp16 GEMV, which reads the fp16 weight, accumulates the exact fp16 x fp16 products in
-  float32 and rounds the sum to fp16 once. The sums run in another float32 order than numpy's BLAS: an output
-  differs from the float32-weight path by at most one fp16 ulp, and rarely (about 0.2 % of outputs here).
-  On this project's machine (AMD EPYC, AVX-512, no AVX512-FP16) it streams fp16 weights at the rate float32 GEMV
-  streams float32 ones, so a token takes half the time; its fp16 GEMM (several columns) is scalar code, ~20x
-  slower than float32 BLAS, and is never used.
-- anything else (prefill batches, float32 activations, no torch): the weight's rows widened to float32 a block at
-  a time into a reused buffer, each block multiplied by numpy's BLAS: the same products as a float32 weight, and
-  in the shapes converted models use (1 or 64 columns) the same sums, bit for bit (BLAS splits its work by rows
-  too; for other column counts its kernel choice may depend on the row count, and the sums' order with it).
+- one column (a decode step's projections) whose output is rounded to fp16 right after (fp16 mode): the project's
+  fp16 GEMV (_fp16gemv.c), rows split over the CPU's cores. It widens each weight in registers and sums the
+  float32 products in another order than numpy's BLAS: an output differs from the float32-weight path by at most
+  one fp16 ulp, and rarely (about 0.2 % of outputs here). It streams fp16 weights at the rate float32 GEMV streams
+  float32 ones (30.9 against 31.4 GB/s on an Intel Xeon with AVX-512), so a token takes half the time. torch's
+  fp16 GEMV, used before, did so on an AMD EPYC but streamed 9 GB/s on that Xeon (another code path).
+- anything else (prefill batches, float32 activations): the weight's rows widened to float32 a block at a time
+  into a reused buffer, each block multiplied by numpy's BLAS: the same products as a float32 weight, and in the
+  shapes converted models use (1 or 64 columns) the same sums, bit for bit (BLAS splits its work by rows too; for
+  other column counts its kernel choice may depend on the row count, and the sums' order with it).
 """
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import fp16
+from . import _fp16gemv, fp16
 
 # one float32 block, reused (no page faults). Each block is one BLAS call, and each call hands work to BLAS's
 # threads: on a busy 2-core machine a 7-matrix layer at batch 64 took 3.6x the float32-weight time with 4 MB
 # blocks, 1.9x with 8 MB, 1.14x with 32 MB (the last-level cache's size)
 BLOCK_BYTES = 32 << 20
-FAST_GEMV = True  # torch's fp16 GEMV for single fp16 columns; off: the bit-exact blocked path for everything
+FAST_GEMV = True  # the fp16 GEMV for single columns rounded to fp16; off: the bit-exact blocked path for everything
+SPLIT = 1 << 18  # weights: from this many on, a GEMV's rows are split over the cores (a split costs ~20 us)
 _buffers = threading.local()  # one block buffer per thread: no allocation per call
 
 
@@ -35,11 +37,22 @@ def weight_product(w: np.ndarray, x: np.ndarray, fp16_values: bool = False) -> n
     """w (O, I) float16 times x (I, T) float32: (O, T) float32. `fp16_values`: x holds fp16 values and the caller
     rounds the result to fp16 (what lets the fp16 GEMV compute it)."""
     if fp16_values and FAST_GEMV and x.shape[1] == 1:
-        torch = fp16._torch()
-        if torch is not None:
-            column = torch.from_numpy(np.ascontiguousarray(x[:, 0]).astype(np.float16))
-            return torch.mv(torch.from_numpy(w), column).numpy().astype(np.float32)[:, None]
+        return _gemv(np.ascontiguousarray(w), np.ascontiguousarray(x[:, 0]))[:, None]
     return _blocked(w, x)
+
+
+def _gemv(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    rows, cols = w.shape
+    out = np.empty(rows, np.float32)
+    pool, cores = _pool()
+    if w.size < SPLIT or cores == 1:
+        _fp16gemv.gemv(w, x, out, cols)
+        return out
+    bounds = np.linspace(0, rows, cores + 1).astype(int)
+    parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    for done in [pool.submit(_fp16gemv.gemv, w[p], x, out[p], cols) for p in parts]:
+        done.result()
+    return out
 
 
 def _blocked(w: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -55,6 +68,19 @@ def _blocked(w: np.ndarray, x: np.ndarray) -> np.ndarray:
             fp16.widen_into(block, w[start:start + n])
             np.matmul(block, x, out=out[start:start + n])
     return out
+
+
+_pools: dict = {}
+
+
+def _pool() -> tuple[ThreadPoolExecutor, int]:
+    """(a pool of one thread per core this process may run on, that count), made once per process (a fork's copy
+    of a parent's pool has no threads)."""
+    pid = os.getpid()
+    if pid not in _pools:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        _pools[pid] = ThreadPoolExecutor(cores, thread_name_prefix="fp16-gemv"), cores
+    return _pools[pid]
 
 
 def _buffer(size: int) -> np.ndarray:
