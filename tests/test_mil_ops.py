@@ -393,9 +393,10 @@ def test_fp16_rounding_of_other_inputs_and_without_torch(monkeypatch):
 @pytest.mark.parametrize("columns", [1, 64])
 def test_fp16_weight_products_equal_float32_weights(monkeypatch, columns):
     """conv and linear with an fp16-resident weight: the blocked path (many blocks) gives the float32 weight's
-    bits. The fp16 GEMV for one column whose output is rounded to fp16 sums in another float32 order: rounded, it
-    meets the error bound the float32 path meets (half an fp16 ulp plus float32 accumulation, n 2^-24 sum|w x|, against the exact
-    float64 product) and differs from it in under 1 % of the outputs."""
+    bits. The fast products for fp16 columns whose output is rounded to fp16 (the fp16 GEMV for one column,
+    torch's oneDNN fp16 GEMM for several where the CPU has one) sum in another float32 order: rounded, they meet
+    the error bound the float32 path meets (half an fp16 ulp plus float32 accumulation, n 2^-24 sum|w x|, against
+    the exact float64 product) and differ from it in under 1 % of the outputs."""
     from ane_eval.mil import gemm
 
     monkeypatch.setattr(gemm, "BLOCK_BYTES", 4 * 2048 * 100)  # 100 rows per block: 30 blocks, the last partial
@@ -407,21 +408,26 @@ def test_fp16_weight_products_equal_float32_weights(monkeypatch, columns):
     rows = x[0, :, 0, :].T.copy()
     np.testing.assert_array_equal(KERNELS["linear"](x=rows, weight=w16), KERNELS["linear"](x=rows,
                                                                                          weight=w16.astype(np.float32)))
+    with monkeypatch.context() as m:  # the fast products off: the blocked path, bit for bit, fp16 values or not
+        m.setattr(gemm, "FAST_GEMV", False)
+        m.setattr(gemm, "FAST_GEMM", False)
+        np.testing.assert_array_equal(KERNELS["conv"](x=x, weight=w16[:, :, None, None], _fp16_values=True), want)
     fast = KERNELS["conv"](x=x, weight=w16[:, :, None, None], _fp16_values=True)
     assert fast.shape == want.shape and fast.dtype == np.float32
-    if columns > 1:  # several columns: the blocked path, bit for bit
+    if columns > 1 and not gemm.onednn_fp16_gemm():  # no fast GEMM on this CPU: the blocked path
         np.testing.assert_array_equal(fast, want)
         return
-    fast, want = fast.reshape(-1).astype(np.float16).astype(np.float32), want.reshape(-1)  # as the caller rounds
-    w64, x64 = w16.astype(np.float64), x.reshape(-1).astype(np.float64)
+    fast = fast.reshape(3000, columns).astype(np.float16).astype(np.float32)  # as the caller rounds
+    want = want.reshape(3000, columns)
+    w64, x64 = w16.astype(np.float64), x.reshape(2048, columns).astype(np.float64)
     exact = w64 @ x64
     bound = np.spacing(np.abs(exact).astype(np.float16)).astype(np.float64) / 2 + 2048 * 2**-24 * (np.abs(w64) @ np.abs(x64))
     for result in (want.astype(np.float16), fast):
         assert (np.abs(result.astype(np.float64) - exact) <= bound).all()
     differ = (fast != want.astype(np.float16).astype(np.float32)).mean()
-    assert 0 < differ < 0.01  # the GEMV ran (some sums round the other way), and rarely differs
-    lin = KERNELS["linear"](x=rows, weight=w16, _fp16_values=True).reshape(-1)
-    np.testing.assert_array_equal(lin.astype(np.float16).astype(np.float32), fast)
+    assert 0 < differ < 0.01  # the fast product ran (some sums round the other way), and rarely differs
+    lin = KERNELS["linear"](x=rows, weight=w16, _fp16_values=True)
+    np.testing.assert_array_equal(lin.T.astype(np.float16).astype(np.float32), fast)
 
 
 @pytest.mark.parametrize("cols", [1, 15, 16, 63, 64, 67, 2048])  # every tail of the 8/16/32/64-wide loops

@@ -447,7 +447,7 @@ def test_only_plain_sibling_projections_are_stacked():
 def test_fp16_storage_changes_nothing(demo_dir, monkeypatch, tmp_path):
     """fp16 mode keeps the KV state, the tables only gathered from (embeddings, RoPE) and the projections' weights
     in fp16, half the memory of float32 storage. With the blocked float32 products (gemm.py) the logits are
-    bit-identical to float32 storage; the fp16 GEMV for decode steps sums in another float32 order, each
+    bit-identical to float32 storage; the fast products (fp16 GEMV, oneDNN fp16 GEMM) sum in another float32 order, each
     projection at most one fp16 ulp apart (tests/test_mil_ops.py), the logits within a few ulps."""
     from ane_eval.mil import gemm, interpreter
 
@@ -472,6 +472,7 @@ def test_fp16_storage_changes_nothing(demo_dir, monkeypatch, tmp_path):
 
     fast = logits()
     monkeypatch.setattr(gemm, "FAST_GEMV", False)
+    monkeypatch.setattr(gemm, "FAST_GEMM", False)
     compact = logits()
     monkeypatch.setattr(interpreter, "_fp16_resident", lambda operations, outputs: set())
     monkeypatch.setattr(mil, "_storage", lambda dtype, precision: np.float32)
@@ -483,8 +484,10 @@ def test_fp16_storage_changes_nothing(demo_dir, monkeypatch, tmp_path):
 
 def test_without_torch_the_numbers_are_the_same(demo_dir, monkeypatch):
     """fp16 conversions go through torch when it loads and through numpy otherwise: the same bits either way (the
-    fp16 GEMV is the project's own, torch or not)."""
-    from ane_eval.mil import fp16
+    fp16 GEMV is the project's own, torch or not; torch's oneDNN fp16 GEMM, where the CPU has one, is off)."""
+    from ane_eval.mil import fp16, gemm
+
+    monkeypatch.setattr(gemm, "FAST_GEMM", False)
 
     def logits():
         m = ane_eval.load_model(demo_dir, backend="mil", precision="fp16")

@@ -16,6 +16,8 @@ Two ways, both computing the op in float32 from fp16 operands (CoreML's fp16 sem
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +31,7 @@ from . import _fp16gemv, fp16
 # blocks, 1.9x with 8 MB, 1.14x with 32 MB (the last-level cache's size)
 BLOCK_BYTES = 32 << 20
 FAST_GEMV = True  # the fp16 GEMV for single columns rounded to fp16; off: the bit-exact blocked path for everything
+FAST_GEMM = True  # torch's oneDNN fp16 GEMM, where it has one, for several columns rounded to fp16
 SPLIT = 1 << 18  # weights: from this many on, a GEMV's rows are split over the cores (a split costs ~20 us)
 _buffers = threading.local()  # one block buffer per thread: no allocation per call
 
@@ -38,7 +41,49 @@ def weight_product(w: np.ndarray, x: np.ndarray, fp16_values: bool = False) -> n
     rounds the result to fp16 (what lets the fp16 GEMV compute it)."""
     if fp16_values and FAST_GEMV and x.shape[1] == 1:
         return _gemv(np.ascontiguousarray(w), np.ascontiguousarray(x[:, 0]))[:, None]
+    if fp16_values and FAST_GEMM and onednn_fp16_gemm():
+        torch = fp16._torch()  # x holds fp16 values: exact in fp16; the product comes back rounded to fp16
+        product = torch.mm(torch.from_numpy(np.ascontiguousarray(w)), torch.from_numpy(np.ascontiguousarray(x)).half())
+        return product.float().numpy()
     return _blocked(w, x)
+
+
+@functools.cache
+def onednn_fp16_gemm() -> bool:
+    """Whether torch computes fp16 GEMMs with oneDNN here: its own condition (ATen's mkldnn_fp16_device_check), a
+    CPU with AVX512-FP16 or AMX-FP16. Elsewhere its fp16 GEMM is scalar code, ~20x slower than float32 BLAS."""
+    torch = fp16._torch()
+    if torch is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "avx512_fp16" in flags or "amx_fp16" in flags
+
+
+@contextlib.contextmanager
+def threads_for_products(fp16_weights: bool):
+    """Around a program run: where torch's oneDNN computes the fp16 weights' GEMMs, numpy's BLAS (attention's
+    small products) runs on the calling thread meanwhile. OpenBLAS's threads spin for a while after each call and
+    take the cores torch's GEMM threads need: a 1B model's 512-token prefill took 10.0 s with them, 5.8 s
+    without."""
+    blas = _blas() if fp16_weights and FAST_GEMM and onednn_fp16_gemm() else None
+    if blas is None:
+        yield
+        return
+    with blas.limit(limits=1):
+        yield
+
+
+@functools.cache
+def _blas():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController().select(user_api="blas")
 
 
 def _gemv(w: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -50,7 +95,9 @@ def _gemv(w: np.ndarray, x: np.ndarray) -> np.ndarray:
         return out
     bounds = np.linspace(0, rows, cores + 1).astype(int)
     parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    for done in [pool.submit(_fp16gemv.gemv, w[p], x, out[p], cols) for p in parts]:
+    others = [pool.submit(_fp16gemv.gemv, w[p], x, out[p], cols) for p in parts[1:]]
+    _fp16gemv.gemv(w[parts[0]], x, out[parts[0]], cols)  # the calling thread takes a part: one handoff fewer
+    for done in others:
         done.result()
     return out
 
@@ -73,13 +120,13 @@ def _blocked(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 _pools: dict = {}
 
 
-def _pool() -> tuple[ThreadPoolExecutor, int]:
-    """(a pool of one thread per core this process may run on, that count), made once per process (a fork's copy
-    of a parent's pool has no threads)."""
+def _pool() -> tuple[ThreadPoolExecutor | None, int]:
+    """(a pool of one thread per core this process may run on but one, that count of cores), made once per
+    process (a fork's copy of a parent's pool has no threads)."""
     pid = os.getpid()
     if pid not in _pools:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        _pools[pid] = ThreadPoolExecutor(cores, thread_name_prefix="fp16-gemv"), cores
+        _pools[pid] = ThreadPoolExecutor(cores - 1, thread_name_prefix="fp16-gemv") if cores > 1 else None, cores
     return _pools[pid]
 
 

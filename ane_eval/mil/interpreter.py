@@ -16,7 +16,7 @@ from collections import Counter
 
 import numpy as np
 
-from . import ir
+from . import gemm, ir
 from .blob import BlobFile
 from .fp16 import SMALL, round_in_place, round_to_fp16, widen
 from .fuse import FUSED_OPS, fuse
@@ -201,6 +201,7 @@ class Plan:
         for o in operations:
             self.types.update({n: t.dtype for n, t in o.outputs if isinstance(t, ir.TensorType)})
         self.fp16_resident = _fp16_resident(operations, self.outputs) if self.round_fp16 else set()
+        self._fp16_weights = bool(self.fp16_resident)  # products with weights held in fp16 (gemm.py)
         self.gathered = _read_only_by(operations, self.outputs, self.fp16_resident,
                                       lambda op_type, key: (op_type, key) == ("gather", "x"))
         self.transient = _decompression_inputs(operations, self.outputs)
@@ -405,7 +406,8 @@ class Plan:
     def run(self, env: dict) -> dict:
         """env: input name -> compute-form array, state name -> StateBuffer (consumed). Returns the block
         outputs."""
-        with np.errstate(all="ignore"):  # fp16 emulation wants IEEE results (inf, nan), not warnings
+        # fp16 emulation wants IEEE results (inf, nan), not warnings
+        with np.errstate(all="ignore"), gemm.threads_for_products(self._fp16_weights):
             try:
                 for segment in self._segments:
                     segment(env)
