@@ -449,8 +449,39 @@ def test_fp16_gemv_code_paths_sum_the_exact_products(cols):
         out = np.full(37, np.nan, np.float32)
         _fp16gemv.gemv(w, x, out, cols, isa)
         assert (np.abs(out - exact) <= bound).all(), name
-    split = gemm._gemv(np.repeat(w, 300, axis=0), x)  # 11,100 rows: split over the cores when the weight is large
-    np.testing.assert_array_equal(split, np.repeat(np.asarray([gemm._gemv(w[i:i + 1], x)[0] for i in range(37)]), 300))
+    tall = np.repeat(w, 300, axis=0)  # 11,100 rows: split over threads, each row's sum as on one thread
+    want = np.repeat(np.asarray([gemm._gemv(w[i:i + 1], x)[0] for i in range(37)]), 300)
+    for threads in (1, 2, 3, 5, 2):
+        out = np.full(tall.shape[0], np.nan, np.float32)
+        _fp16gemv.gemv(tall, x, out, cols, -1, threads)
+        np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(gemm._gemv(tall, x), want)
+
+
+def test_fp16_gemv_threads_survive_a_fork():
+    """A process forked after the GEMV started its threads has none of them: its split products must still run
+    (and not wait forever for workers that are not there)."""
+    import multiprocessing
+
+    from ane_eval.mil import _fp16gemv
+
+    w, x = np.ones((4096, 64), np.float16), np.ones(64, np.float32)
+    _fp16gemv.gemv(w, x, np.empty(4096, np.float32), 64, -1, 2)  # the workers exist now
+    child = multiprocessing.get_context("fork").Process(target=_split_gemv_and_exit, args=(w, x))
+    child.start()
+    child.join(60)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+
+
+def _split_gemv_and_exit(w, x):
+    from ane_eval.mil import _fp16gemv
+
+    out = np.empty(w.shape[0], np.float32)
+    _fp16gemv.gemv(w, x, out, w.shape[1], -1, 2)
+    raise SystemExit(0 if (out == w.shape[1]).all() else 1)
 
 
 def test_fp16_gemv_refuses_buffers_of_the_wrong_size():

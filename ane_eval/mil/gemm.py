@@ -1,7 +1,7 @@
 """Products with weights held in their stored precision (fp16): a decode step reads every weight once, so it is
 bound by memory bandwidth, and fp16 weights are half the bytes of float32 ones.
 
-Two ways, both computing the op in float32 from fp16 operands (CoreML's fp16 semantics):
+Three ways, all computing the op in float32 from fp16 operands (CoreML's fp16 semantics):
 
 - one column (a decode step's projections) whose output is rounded to fp16 right after (fp16 mode): the project's
   fp16 GEMV (_fp16gemv.c), rows split over the CPU's cores. It widens each weight in registers and sums the
@@ -9,10 +9,15 @@ Two ways, both computing the op in float32 from fp16 operands (CoreML's fp16 sem
   one fp16 ulp, and rarely (about 0.2 % of outputs here). It streams fp16 weights at the rate float32 GEMV streams
   float32 ones (30.9 against 31.4 GB/s on an Intel Xeon with AVX-512), so a token takes half the time. torch's
   fp16 GEMV, used before, did so on an AMD EPYC but streamed 9 GB/s on that Xeon (another code path).
-- anything else (prefill batches, float32 activations): the weight's rows widened to float32 a block at a time
-  into a reused buffer, each block multiplied by numpy's BLAS: the same products as a float32 weight, and in the
-  shapes converted models use (1 or 64 columns) the same sums, bit for bit (BLAS splits its work by rows too; for
-  other column counts its kernel choice may depend on the row count, and the sums' order with it).
+- several such columns (prefill batches) on a CPU where torch computes fp16 GEMMs with oneDNN (AVX512-FP16 or
+  AMX-FP16): torch's fp16 GEMM, float32 accumulation, the result rounded to fp16 once; like the GEMV, another
+  order of the same sums (0.3-0.5 % of outputs one fp16 ulp apart). On that Xeon a 64-row batch's products took
+  0.5 s against 1.0 s for the blocked path below, which spends a third of its time widening weights.
+- anything else (prefill batches elsewhere, float32 activations): the weight's rows widened to float32 a block at
+  a time into a reused buffer, each block multiplied by numpy's BLAS: the same products as a float32 weight, and
+  in the shapes converted models use (1 or 64 columns) the same sums, bit for bit (BLAS splits its work by rows
+  too; for other column counts its kernel choice may depend on the row count, and the sums' order with it).
+FAST_GEMV and FAST_GEMM off: the blocked path for everything, bit-identical to float32-resident weights.
 """
 from __future__ import annotations
 
@@ -20,7 +25,6 @@ import contextlib
 import functools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -30,9 +34,9 @@ from . import _fp16gemv, fp16
 # threads: on a busy 2-core machine a 7-matrix layer at batch 64 took 3.6x the float32-weight time with 4 MB
 # blocks, 1.9x with 8 MB, 1.14x with 32 MB (the last-level cache's size)
 BLOCK_BYTES = 32 << 20
-FAST_GEMV = True  # the fp16 GEMV for single columns rounded to fp16; off: the bit-exact blocked path for everything
-FAST_GEMM = True  # torch's oneDNN fp16 GEMM, where it has one, for several columns rounded to fp16
-SPLIT = 1 << 18  # weights: from this many on, a GEMV's rows are split over the cores (a split costs ~20 us)
+FAST_GEMV = True  # the fp16 GEMV for single columns rounded to fp16; off: the blocked path
+FAST_GEMM = True  # torch's oneDNN fp16 GEMM, where it has one, for several columns rounded to fp16; off: the blocked path
+SPLIT = 1 << 18  # weights: from this many on, a GEMV's rows are split over the cores
 _buffers = threading.local()  # one block buffer per thread: no allocation per call
 
 
@@ -89,16 +93,7 @@ def _blas():
 def _gemv(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     rows, cols = w.shape
     out = np.empty(rows, np.float32)
-    pool, cores = _pool()
-    if w.size < SPLIT or cores == 1:
-        _fp16gemv.gemv(w, x, out, cols)
-        return out
-    bounds = np.linspace(0, rows, cores + 1).astype(int)
-    parts = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    others = [pool.submit(_fp16gemv.gemv, w[p], x, out[p], cols) for p in parts[1:]]
-    _fp16gemv.gemv(w[parts[0]], x, out[parts[0]], cols)  # the calling thread takes a part: one handoff fewer
-    for done in others:
-        done.result()
+    _fp16gemv.gemv(w, x, out, cols, -1, _cores() if w.size >= SPLIT else 1)
     return out
 
 
@@ -117,17 +112,10 @@ def _blocked(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-_pools: dict = {}
-
-
-def _pool() -> tuple[ThreadPoolExecutor | None, int]:
-    """(a pool of one thread per core this process may run on but one, that count of cores), made once per
-    process (a fork's copy of a parent's pool has no threads)."""
-    pid = os.getpid()
-    if pid not in _pools:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        _pools[pid] = ThreadPoolExecutor(cores - 1, thread_name_prefix="fp16-gemv") if cores > 1 else None, cores
-    return _pools[pid]
+@functools.cache
+def _cores() -> int:
+    """The cores this process may run on: the GEMV's threads (the caller's among them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _buffer(size: int) -> np.ndarray:
