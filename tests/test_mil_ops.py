@@ -324,45 +324,59 @@ def test_every_contract_op_has_a_kernel():
     assert math.isclose(float(run("rsqrt", x=np.float32(4.0), epsilon=0.0)), 0.5)
 
 
-@pytest.mark.parametrize("impl", ["round_to_fp16", "round_in_place", "round_fp16_numpy"])
-def test_fast_fp16_rounding_is_bit_exact(impl):
-    from ane_eval.mil import fp16
+def _isas():
+    from ane_eval.mil import _fp16
 
+    return sorted(_fp16.isas())
+
+
+@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("impl", ["round_to_fp16", "round_in_place"])
+def test_fast_fp16_rounding_is_bit_exact(monkeypatch, impl, isa):
+    """Every code path of the C kernels this CPU has (the plain C one everywhere) rounds as numpy's cast pair."""
+    from ane_eval.mil import _fp16, fp16
+
+    monkeypatch.setattr(fp16, "ISA", _fp16.isas()[isa])
     round_to_fp16 = getattr(fp16, impl)
-    assert fp16._torch() is not None  # installed with transformers: round_to_fp16 takes the torch path
     gen = np.random.default_rng(1)
     x = np.concatenate([
         (gen.standard_normal(200_000) * 10.0 ** gen.integers(-12, 7, 200_000)).astype(np.float32),
-        gen.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32),  # every bit pattern
+        gen.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32),  # any bit pattern
         (gen.integers(-2**14, 2**14, 50_000) * 2.0**-25).astype(np.float32),  # ties among fp16 subnormals
         np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 65504, 65519, 65520, -65520, 1e30, 6.1e-5, 6.103515625e-05,
-                  5.96e-8, 2.98e-8, 2.9e-8, 3e-8, 1e-40, -1e-45, 2049, 2051, 4097, 0.5, 1.0], np.float32)])  # 7 | size
+                  5.96e-8, 2.98e-8, 2.9e-8, 3e-8, 2.9802322e-08, 2.9802326e-08, 1e-40, -1e-45, 2049, 2051, 4097, 0.5,
+                  1.0, 1.0, 1.0, 1.0, 1.0, 1.0], np.float32)])  # 7 | size
     with np.errstate(all="ignore"):  # as the interpreter runs it
         ref = x.astype(np.float16).astype(np.float32)
-        arg = x.reshape(-1, 7).copy()  # 2-D (the kernels' outputs are); round_in_place overwrites its argument
-        got = round_to_fp16(arg)
-    np.testing.assert_array_equal(got.reshape(-1).view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
-    assert np.isnan(got.reshape(-1)[np.isnan(ref)]).all()
-    if impl == "round_in_place":
-        assert got is arg
+        for arg in (x.reshape(-1, 7).copy(), x[:1003 * 7].reshape(-1, 7).copy()):  # 2-D, as the kernels' outputs;
+            got = round_to_fp16(arg)  # and a size that leaves a tail after the vector loops
+            n = got.size
+            np.testing.assert_array_equal(got.reshape(-1).view(np.uint32)[~np.isnan(ref[:n])],
+                                          ref[:n].view(np.uint32)[~np.isnan(ref[:n])])
+            assert np.isnan(got.reshape(-1)[np.isnan(ref[:n])]).all()
+            assert (got is arg) == (impl == "round_in_place")  # round_in_place overwrites its argument
 
 
-def test_fp16_widening_is_exact():
-    """Every fp16 bit pattern widens to the float32 numpy's cast gives (the fast path and the small one)."""
-    from ane_eval.mil.fp16 import widen
+@pytest.mark.parametrize("isa", _isas())
+def test_fp16_widening_is_exact(monkeypatch, isa):
+    """Every fp16 bit pattern widens to the float32 numpy's cast gives (each code path, and the small one)."""
+    from ane_eval.mil import _fp16, fp16
 
+    monkeypatch.setattr(fp16, "ISA", _fp16.isas()[isa])
     every = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
-    for x in (every, every[:100], every.reshape(256, 256)[:, ::2]):  # large, small, non-contiguous
-        got, ref = widen(x), x.astype(np.float32)
+    for x in (every, every[:100], every[:1037], every.reshape(256, 256)[:, ::2]):  # large, small, tail, strided
+        got, ref = fp16.widen(x), x.astype(np.float32)
         assert got.dtype == np.float32 and got.shape == x.shape
         np.testing.assert_array_equal(got.view(np.uint32)[~np.isnan(ref)], ref.view(np.uint32)[~np.isnan(ref)])
         assert np.isnan(got[np.isnan(ref)]).all()
+        into = np.empty(x.shape, np.float32)
+        fp16.widen_into(into, x)
+        np.testing.assert_array_equal(into, got)  # NaN where got has NaN, equal values elsewhere
 
 
-def test_fp16_rounding_of_other_inputs_and_without_torch(monkeypatch):
+def test_fp16_rounding_of_other_inputs():
     """Inputs are float32 first (a float64 kernel result is rounded as its float32, as the docstring says), every
-    path returns float32, round_in_place falls back for arrays it may not overwrite, and without torch numpy does
-    the same work."""
+    path returns float32, and round_in_place rounds copies of arrays it may not overwrite."""
     from ane_eval.mil import fp16
 
     # 1 + 2**-11 + 2**-40: float64 -> fp16 rounds up; float32 first drops 2**-40, leaving a tie that rounds to even
@@ -374,20 +388,50 @@ def test_fp16_rounding_of_other_inputs_and_without_torch(monkeypatch):
             assert got.dtype == np.float32 and (got == 1.0).all(), (f.__name__, n)
     gen = np.random.default_rng(3)
     x = (gen.standard_normal((60, 50)) * 100).astype(np.float32)
-    ref = x.astype(np.float16).astype(np.float32)
     frozen = x.copy()
     frozen.flags.writeable = False
     for arr in (x[:10, :10].copy(), frozen, np.asfortranarray(x), x[:, ::2]):  # small, read-only, F order, strided
         want = arr.astype(np.float16).astype(np.float32)
         np.testing.assert_array_equal(fp16.round_in_place(arr), want)
     np.testing.assert_array_equal(frozen, x)  # not overwritten, nor x by its strided view
-    monkeypatch.setattr(fp16, "_torch", lambda: None)
-    np.testing.assert_array_equal(fp16.round_to_fp16(x), ref)
-    np.testing.assert_array_equal(fp16.round_in_place(x.copy()), ref)
-    h = x.astype(np.float16)
-    got = fp16.widen(h)
-    assert got.dtype == np.float32
-    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_fused_attention_rounds_where_the_unfused_ops_do(groups):
+    """The fused attention kernel in fp16 mode, bit for bit: the unfused ops written out, each output rounded to
+    fp16 (scores, scaled, masked, centred, exponentials, their sum, probabilities), grouped heads as repeated
+    ones. The mask hides no slot from every row, so both sum over the same slots."""
+    from ane_eval.mil.fp16 import round_to_fp16 as r
+    from ane_eval.mil.fuse import masked_attention
+
+    gen = np.random.default_rng(5)
+    h, t, s, d = 4, 64, 80, 32
+    q = r(gen.standard_normal((1, h, t, d)).astype(np.float32) * 3)
+    k, v = (gen.standard_normal((1, h // groups, s, d)).astype(np.float16) for _ in range(2))
+    visible = np.arange(s) <= np.arange(t)[:, None] + s - t  # causal; a bias where visible (not just 0): so
+    mask = np.where(visible, r(gen.standard_normal((t, s)).astype(np.float32)), -np.inf)[None, None]  # masking rounds
+    scale = np.float32(0.3)  # not a power of two: scaling rounds too
+    with np.errstate(all="ignore"):
+        got = masked_attention(q, k, v, scale, mask, groups=groups, _round=r)
+        keys, values = (np.repeat(x.astype(np.float32), groups, axis=1) for x in (k, v))
+        scores = r(r(r(np.matmul(q, keys.swapaxes(-1, -2))) * scale) + mask)
+        e = r(np.exp(r(scores - scores.max(-1, keepdims=True))))
+        want = np.matmul(r(e / r(e.sum(-1, keepdims=True))), values)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_fp16_conversions_refuse_buffers_of_the_wrong_size():
+    from ane_eval.mil import _fp16
+
+    f32, f16 = np.zeros(8, np.float32), np.zeros(8, np.float16)
+    for fn, args in [(_fp16.round_fp16, (f32, f32[:7])), (_fp16.widen, (f16, f32[:7])), (_fp16.widen, (f16[:7], f32)),
+                     (_fp16.round_fp16, (f32[:7], f32))]:
+        with pytest.raises(ValueError, match="do not hold the same number of values"):
+            fn(*args)
+    with pytest.raises(ValueError, match="not available"):
+        _fp16.round_fp16(f32, f32, 99)
+    with pytest.raises(ValueError):  # a strided view is not one contiguous buffer
+        _fp16.widen(np.zeros(16, np.float16)[::2], f32)
 
 
 @pytest.mark.parametrize("columns", [1, 64])
@@ -435,7 +479,7 @@ def test_fp16_gemv_code_paths_sum_the_exact_products(cols):
     """Each code path of the fp16 GEMV this CPU has (the fastest is the one used) against the float64 product:
     within float32 accumulation's bound, n 2^-24 sum|w x|, with fp16 subnormals, signed zeros and the largest
     fp16 values among the weights; and over row counts that split unevenly."""
-    from ane_eval.mil import _fp16gemv, gemm
+    from ane_eval.mil import _fp16, gemm
 
     w = (rng.standard_normal((37, cols)) * 0.05).astype(np.float16)
     w.reshape(-1)[::7] = np.float16(6e-6)  # subnormal (fp16's smallest normal is 6.1e-5)
@@ -444,16 +488,16 @@ def test_fp16_gemv_code_paths_sum_the_exact_products(cols):
     x = rng.standard_normal(cols).astype(np.float32)
     exact = w.astype(np.float64) @ x.astype(np.float64)
     bound = cols * 2**-24 * (np.abs(w.astype(np.float64)) @ np.abs(x.astype(np.float64))) + 1e-30
-    assert "generic" in _fp16gemv.isas() and _fp16gemv.fastest() in _fp16gemv.isas()
-    for name, isa in _fp16gemv.isas().items():
+    assert "generic" in _fp16.isas() and _fp16.fastest() in _fp16.isas()
+    for name, isa in _fp16.isas().items():
         out = np.full(37, np.nan, np.float32)
-        _fp16gemv.gemv(w, x, out, cols, isa)
+        _fp16.gemv(w, x, out, cols, isa)
         assert (np.abs(out - exact) <= bound).all(), name
     tall = np.repeat(w, 300, axis=0)  # 11,100 rows: split over threads, each row's sum as on one thread
     want = np.repeat(np.asarray([gemm._gemv(w[i:i + 1], x)[0] for i in range(37)]), 300)
     for threads in (1, 2, 3, 5, 2):
         out = np.full(tall.shape[0], np.nan, np.float32)
-        _fp16gemv.gemv(tall, x, out, cols, -1, threads)
+        _fp16.gemv(tall, x, out, cols, -1, threads)
         np.testing.assert_array_equal(out, want)
     np.testing.assert_array_equal(gemm._gemv(tall, x), want)
 
@@ -463,10 +507,10 @@ def test_fp16_gemv_threads_survive_a_fork():
     (and not wait forever for workers that are not there)."""
     import multiprocessing
 
-    from ane_eval.mil import _fp16gemv
+    from ane_eval.mil import _fp16
 
     w, x = np.ones((4096, 64), np.float16), np.ones(64, np.float32)
-    _fp16gemv.gemv(w, x, np.empty(4096, np.float32), 64, -1, 2)  # the workers exist now
+    _fp16.gemv(w, x, np.empty(4096, np.float32), 64, -1, 2)  # the workers exist now
     child = multiprocessing.get_context("fork").Process(target=_split_gemv_and_exit, args=(w, x))
     child.start()
     child.join(60)
@@ -477,24 +521,24 @@ def test_fp16_gemv_threads_survive_a_fork():
 
 
 def _split_gemv_and_exit(w, x):
-    from ane_eval.mil import _fp16gemv
+    from ane_eval.mil import _fp16
 
     out = np.empty(w.shape[0], np.float32)
-    _fp16gemv.gemv(w, x, out, w.shape[1], -1, 2)
+    _fp16.gemv(w, x, out, w.shape[1], -1, 2)
     raise SystemExit(0 if (out == w.shape[1]).all() else 1)
 
 
 def test_fp16_gemv_refuses_buffers_of_the_wrong_size():
-    from ane_eval.mil import _fp16gemv
+    from ane_eval.mil import _fp16
 
     w, x, out = np.zeros((4, 8), np.float16), np.zeros(8, np.float32), np.zeros(4, np.float32)
     for args in [(w, x[:7], out, 8), (w, x, out[:3], 8), (w[:, :7].copy(), x, out, 8), (w, x, out, 0)]:
         with pytest.raises(ValueError, match="gemv: "):
-            _fp16gemv.gemv(*args)
+            _fp16.gemv(*args)
     with pytest.raises(ValueError, match="not available"):
-        _fp16gemv.gemv(w, x, out, 8, 99)
+        _fp16.gemv(w, x, out, 8, 99)
     with pytest.raises(ValueError):  # a strided view is not one contiguous buffer
-        _fp16gemv.gemv(np.zeros((4, 16), np.float16)[:, ::2], x, out, 8)
+        _fp16.gemv(np.zeros((4, 16), np.float16)[:, ::2], x, out, 8)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 6, 8])

@@ -376,12 +376,26 @@ def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax
     scores = np.matmul(q, keys_t)
     if groups > 1:
         scores = scores.reshape(b, h, t, -1)
-    scores = r(r(r(scores) * f32(scale)) + m)
+    # scores, then exponentials, are rewritten in place where they lie (a 64-row prefill batch's are megabytes:
+    # each fresh array cost more than the arithmetic); the values are those of the unfused ops, bit for bit
+    scale = f32(scale)
+    if np.broadcast_shapes(scores.shape, scale.shape, m.shape) == scores.shape:
+        scores = r(scores)
+        np.multiply(scores, scale, out=scores)
+        scores = r(scores)
+        np.add(scores, m, out=scores)
+        scores = r(scores)
+    else:
+        scores = r(r(r(scores) * scale) + m)
     if softmax_op:
         probs = r(softmax(scores, -1))
     else:
-        e = r(np.exp(r(scores - scores.max(-1, keepdims=True))))
-        probs = r(e / r(e.sum(-1, keepdims=True)))
+        np.subtract(scores, scores.max(-1, keepdims=True), out=scores)
+        e = r(scores)
+        np.exp(e, out=e)
+        e = r(e)
+        np.divide(e, r(e.sum(-1, keepdims=True)), out=e)
+        probs = r(e)
     if groups == 1:
         return np.matmul(probs, value)
     return np.matmul(probs.reshape(b, h // groups, groups, t, -1), value).reshape(b, h, t, -1)
@@ -418,4 +432,3 @@ def _live_slots(mask: np.ndarray, slots: int) -> int:
     # NaN counts as visible (it reaches the output either way): only == -inf hides a slot
     visible = np.flatnonzero(mask.reshape(-1, slots).max(axis=0) != -np.inf)
     return int(visible[-1]) + 1 if visible.size else slots
-

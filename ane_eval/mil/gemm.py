@@ -4,7 +4,7 @@ bound by memory bandwidth, and fp16 weights are half the bytes of float32 ones.
 Three ways, all computing the op in float32 from fp16 operands (CoreML's fp16 semantics):
 
 - one column (a decode step's projections) whose output is rounded to fp16 right after (fp16 mode): the project's
-  fp16 GEMV (_fp16gemv.c), rows split over the CPU's cores. It widens each weight in registers and sums the
+  fp16 GEMV (_fp16.c), rows split over the CPU's cores. It widens each weight in registers and sums the
   float32 products in another order than numpy's BLAS: an output differs from the float32-weight path by at most
   one fp16 ulp, and rarely (about 0.2 % of outputs here). It streams fp16 weights at the rate float32 GEMV streams
   float32 ones (30.9 against 31.4 GB/s on an Intel Xeon with AVX-512), so a token takes half the time. torch's
@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-from . import _fp16gemv, fp16
+from . import _fp16, fp16
 
 # one float32 block, reused (no page faults). Each block is one BLAS call, and each call hands work to BLAS's
 # threads: on a busy 2-core machine a 7-matrix layer at batch 64 took 3.6x the float32-weight time with 4 MB
@@ -46,7 +46,7 @@ def weight_product(w: np.ndarray, x: np.ndarray, fp16_values: bool = False) -> n
     if fp16_values and FAST_GEMV and x.shape[1] == 1:
         return _gemv(np.ascontiguousarray(w), np.ascontiguousarray(x[:, 0]))[:, None]
     if fp16_values and FAST_GEMM and onednn_fp16_gemm():
-        torch = fp16._torch()  # x holds fp16 values: exact in fp16; the product comes back rounded to fp16
+        torch = _torch()  # x holds fp16 values: exact in fp16; the product comes back rounded to fp16
         product = torch.mm(torch.from_numpy(np.ascontiguousarray(w)), torch.from_numpy(np.ascontiguousarray(x)).half())
         return product.float().numpy()
     return _blocked(w, x)
@@ -56,7 +56,7 @@ def weight_product(w: np.ndarray, x: np.ndarray, fp16_values: bool = False) -> n
 def onednn_fp16_gemm() -> bool:
     """Whether torch computes fp16 GEMMs with oneDNN here: its own condition (ATen's mkldnn_fp16_device_check), a
     CPU with AVX512-FP16 or AMX-FP16. Elsewhere its fp16 GEMM is scalar code, ~20x slower than float32 BLAS."""
-    torch = fp16._torch()
+    torch = _torch()
     if torch is None or not torch.backends.mkldnn.is_available():
         return False
     try:
@@ -82,6 +82,15 @@ def threads_for_products(fp16_weights: bool):
 
 
 @functools.cache
+def _torch():
+    try:
+        import torch
+    except (ImportError, OSError):  # not installed, or a build whose libraries do not load: no oneDNN GEMM
+        return None
+    return torch
+
+
+@functools.cache
 def _blas():
     try:
         from threadpoolctl import ThreadpoolController
@@ -93,7 +102,7 @@ def _blas():
 def _gemv(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     rows, cols = w.shape
     out = np.empty(rows, np.float32)
-    _fp16gemv.gemv(w, x, out, cols, -1, _cores() if w.size >= SPLIT else 1)
+    _fp16.gemv(w, x, out, cols, fp16.ISA, _cores() if w.size >= SPLIT else 1)
     return out
 
 
@@ -103,12 +112,11 @@ def _blocked(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     out = np.empty((rows, x.shape[1]), np.float32)
     buffer = _buffer(step * cols)  # a weight smaller than a block is widened into it too: no float32 copy of its own
     x = np.ascontiguousarray(x)
-    with fp16.single_threaded():  # the conversion's torch threads would spin against BLAS's (see fp16.py)
-        for start in range(0, rows, step):
-            n = min(step, rows - start)
-            block = buffer[:n * cols].reshape(n, cols)
-            fp16.widen_into(block, w[start:start + n])
-            np.matmul(block, x, out=out[start:start + n])
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        block = buffer[:n * cols].reshape(n, cols)
+        fp16.widen_into(block, w[start:start + n])
+        np.matmul(block, x, out=out[start:start + n])
     return out
 
 

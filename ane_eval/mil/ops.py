@@ -205,7 +205,10 @@ def sigmoid(x):
 @op("silu")
 def silu(x):
     x = f32(x)
-    return x / (1.0 + np.exp(-x))
+    d = np.negative(x)  # x / (1 + exp(-x)) in one array: an FFN's prefill batch is megabytes
+    np.exp(d, out=d)
+    d += np.float32(1)
+    return np.divide(x, d, out=d)
 
 
 @op("softplus")

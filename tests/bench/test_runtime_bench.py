@@ -108,11 +108,11 @@ def compare(benchmark, name, checkpoint, model_dir, prompt_len, rounds):
     p_hf = best_of(hf_prefill(hf, prompt), rounds)
     p_ane = best_of(ane_prefill(m, prompt), rounds)
     p_hf_batches = best_of(hf_prefill_in_batches(hf, prompt, m.batch_size), rounds)
-    from ane_eval.mil.fp16 import _torch
+    from ane_eval.mil import _fp16
 
     info = {
         "model": name, "backend": "mil", "precision": "fp16", "context": m.context_length, "batch": m.batch_size,
-        "fp16_rounding": "torch" if _torch() is not None else "numpy",
+        "fp16_kernels": _fp16.fastest(),
         "decode_tok_s_mil": DECODE_TOKENS / t_ane, "decode_tok_s_torch": DECODE_TOKENS / t_hf,
         "decode_ratio": t_hf / t_ane, "prefill_tok_s_mil": prompt_len / p_ane, "prefill_tok_s_torch": prompt_len / p_hf,
         "prefill_ratio": p_hf / p_ane, "prefill_tok_s_torch_in_batches": prompt_len / p_hf_batches,
