@@ -24,6 +24,7 @@ import numpy as np
 
 from . import ir
 from .fp16 import widen
+from .gemm import invariant_products, times_transposed
 from .ops import center, f32, op, slices, softmax
 
 # not MIL op names: internal entries of the kernel registry (each kernel returns a newly allocated array)
@@ -360,7 +361,8 @@ def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax
     every row add exactly 0. With `groups` > 1, key and value hold the KV heads, each serving `groups`
     consecutive query heads. `_round` is the intermediates' rounding (the interpreter passes it in fp16 mode),
     applied where the unfused ops' outputs were rounded; it may round in place, so it only sees arrays made
-    here."""
+    here. In fp16 mode, on the fp16 KV state, the products are the project's GEMM's (gemm.invariant_products): a
+    row's scores and output are the same bits in a prefill batch as in a decode step."""
     r = _round or _same
     q, m = f32(query), f32(mask)
     slots = key.shape[-2] if transpose_key else key.shape[-1]
@@ -368,14 +370,18 @@ def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax
     if live < slots:
         key = key[..., :live, :] if transpose_key else key[..., :live]
         value, m = value[..., :live, :], m[..., :live]
-    keys_t = widen(key).swapaxes(-1, -2) if transpose_key else widen(key)  # (..., D, live slots)
-    value = widen(value)  # keys and values are usually slices of the fp16 KV state
-    if groups > 1:  # (B, KV, groups, T, D) against (B, KV, 1, D, S): per head the same products as repeated heads
-        b, h, t, _ = q.shape
-        q, keys_t, value = q.reshape(b, h // groups, groups, t, -1), keys_t[:, :, None], value[:, :, None]
-    scores = np.matmul(q, keys_t)
-    if groups > 1:
-        scores = scores.reshape(b, h, t, -1)
+    own = _round is not None and key.dtype == value.dtype == np.float16 and q.ndim == 4 and invariant_products()
+    if own:  # fp16 mode, the fp16 KV state: the project's GEMM, the same sums whatever the batch (gemm.py)
+        scores = _per_kv_head(q, key if transpose_key else key.swapaxes(-1, -2), groups)
+    else:
+        keys_t = widen(key).swapaxes(-1, -2) if transpose_key else widen(key)  # (..., D, live slots)
+        values = widen(value)  # keys and values are usually slices of the fp16 KV state
+        if groups > 1:  # (B, KV, groups, T, D) against (B, KV, 1, D, S): per head the products of repeated heads
+            b, h, t, _ = q.shape
+            q, keys_t, values = q.reshape(b, h // groups, groups, t, -1), keys_t[:, :, None], values[:, :, None]
+        scores = np.matmul(q, keys_t)
+        if groups > 1:
+            scores = scores.reshape(b, h, t, -1)
     # scores, then exponentials, are rewritten in place where they lie (a 64-row prefill batch's are megabytes:
     # each fresh array cost more than the arithmetic); the values are those of the unfused ops, bit for bit
     scale = f32(scale)
@@ -396,9 +402,23 @@ def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax
         e = r(e)
         np.divide(e, r(e.sum(-1, keepdims=True)), out=e)
         probs = r(e)
+    if own:
+        return _per_kv_head(probs, value.swapaxes(-1, -2), groups)
     if groups == 1:
-        return np.matmul(probs, value)
-    return np.matmul(probs.reshape(b, h // groups, groups, t, -1), value).reshape(b, h, t, -1)
+        return np.matmul(probs, values)
+    return np.matmul(probs.reshape(b, h // groups, groups, t, -1), values).reshape(b, h, t, -1)
+
+
+def _per_kv_head(x, w, groups):
+    """x (B, H, T, K) float32 times w (B, H / groups, N, K) fp16, transposed: (B, H, T, N), one GEMM per KV head
+    over the rows of its `groups` query heads."""
+    b, h, t, k = x.shape
+    out = np.empty((b, h, t, w.shape[-2]), np.float32)
+    for i in range(b):
+        for j in range(h // groups):
+            heads = slice(j * groups, (j + 1) * groups)
+            out[i, heads] = times_transposed(x[i, heads].reshape(groups * t, k), w[i, j]).reshape(groups, t, -1)
+    return out
 
 
 @op(FUSED_ROTARY)

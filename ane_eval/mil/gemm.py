@@ -9,15 +9,22 @@ Three ways, all computing the op in float32 from fp16 operands (CoreML's fp16 se
   one fp16 ulp, and rarely (about 0.2 % of outputs here). It streams fp16 weights at the rate float32 GEMV streams
   float32 ones (30.9 against 31.4 GB/s on an Intel Xeon with AVX-512), so a token takes half the time. torch's
   fp16 GEMV, used before, did so on an AMD EPYC but streamed 9 GB/s on that Xeon (another code path).
-- several such columns (prefill batches) on a CPU where torch computes fp16 GEMMs with oneDNN (AVX512-FP16 or
-  AMX-FP16): torch's fp16 GEMM, float32 accumulation, the result rounded to fp16 once; like the GEMV, another
-  order of the same sums (0.3-0.5 % of outputs one fp16 ulp apart). On that Xeon a 64-row batch's products took
-  0.5 s against 1.0 s for the blocked path below, which spends a third of its time widening weights.
-- anything else (prefill batches elsewhere, float32 activations): the weight's rows widened to float32 a block at
-  a time into a reused buffer, each block multiplied by numpy's BLAS: the same products as a float32 weight, and
-  in the shapes converted models use (1 or 64 columns) the same sums, bit for bit (BLAS splits its work by rows
-  too; for other column counts its kernel choice may depend on the row count, and the sums' order with it).
-FAST_GEMV and FAST_GEMM off: the blocked path for everything, bit-identical to float32-resident weights.
+- several such columns (prefill batches) whose output is rounded to fp16: where torch computes fp16 GEMMs with
+  oneDNN (AVX512-FP16 or AMX-FP16) torch's fp16 GEMM, float32 accumulation, the result rounded to fp16 once
+  (on an Intel Xeon a 64-row batch's products took 0.5 s against 1.0 s for the blocked path below); elsewhere,
+  on CPUs with AVX-512, the project's GEMM (_fp16.c: each weight block widened into the L1 cache, float32 fused
+  multiply-adds in k order), which never writes a float32 copy of the weights to memory: on a Zen 5 EPYC
+  310-350 GF/s on a 64-row batch's products, against 130-160 for the blocked path and 160-185 for numpy's
+  float32 BLAS on float32 weights. Like the GEMV, other orders of the same float32 sums: 0.3-0.5 % of fp16
+  outputs one ulp apart from the blocked path.
+- anything else (prefill batches on other CPUs, float32 activations): the weight's rows widened to float32 a
+  block at a time into a reused buffer, each block multiplied by numpy's BLAS: the same products as a float32
+  weight, and the same sums where BLAS sums a block of rows as it sums the whole product (OpenBLAS's SkylakeX
+  kernels do in the shapes converted models use; its Haswell kernels, which it runs on a Zen 5 EPYC, do not).
+The project's GEMM and GEMV sum each output in an order that depends on nothing but the weight's row length, so
+a token's projections are the same bits in any batch, on any number of threads; so are attention's products in
+fp16 mode (invariant_products). FAST_GEMV and FAST_GEMM off: the blocked path and BLAS for everything, the
+float32-weight path's numbers where BLAS's are the same in blocks.
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ from . import _fp16, fp16
 # blocks, 1.9x with 8 MB, 1.14x with 32 MB (the last-level cache's size)
 BLOCK_BYTES = 32 << 20
 FAST_GEMV = True  # the fp16 GEMV for single columns rounded to fp16; off: the blocked path
-FAST_GEMM = True  # torch's oneDNN fp16 GEMM, where it has one, for several columns rounded to fp16; off: the blocked path
+FAST_GEMM = True  # for several columns rounded to fp16: torch's oneDNN fp16 GEMM or the AVX-512 one; off: the blocked path
 SPLIT = 1 << 18  # weights: from this many on, a GEMV's rows are split over the cores
 _buffers = threading.local()  # one block buffer per thread: no allocation per call
 
@@ -49,6 +56,8 @@ def weight_product(w: np.ndarray, x: np.ndarray, fp16_values: bool = False) -> n
         torch = _torch()  # x holds fp16 values: exact in fp16; the product comes back rounded to fp16
         product = torch.mm(torch.from_numpy(np.ascontiguousarray(w)), torch.from_numpy(np.ascontiguousarray(x)).half())
         return product.float().numpy()
+    if fp16_values and FAST_GEMM and avx512_gemm():
+        return _gemm(np.ascontiguousarray(w), np.ascontiguousarray(x))
     return _blocked(w, x)
 
 
@@ -67,13 +76,45 @@ def onednn_fp16_gemm() -> bool:
     return "avx512_fp16" in flags or "amx_fp16" in flags
 
 
+@functools.cache
+def avx512_gemm() -> bool:
+    """Whether the project's fp16-weight GEMM runs here (it needs AVX-512)."""
+    return "avx512" in _fp16.isas()
+
+
+def fast_gemm() -> str | None:
+    """The GEMM fp16 mode's prefill batches take: 'onednn', 'avx512', or None (the blocked path)."""
+    if not FAST_GEMM:
+        return None
+    return "onednn" if onednn_fp16_gemm() else "avx512" if avx512_gemm() else None
+
+
+def invariant_products() -> bool:
+    """Whether fp16 mode computes attention's products with the project's GEMM (AVX-512, FAST_GEMM on): each
+    output summed in k order, the same value whatever the batch's rows, the slots or the threads. numpy's BLAS
+    does not promise that: OpenBLAS's Haswell kernels (which it runs on a Zen 5 EPYC) change 70-90 % of a row's
+    float32 sums when the row is multiplied alone instead of among 32, and with the thread count, so a token's
+    scores would depend on the batch it came in and the process it ran in."""
+    return FAST_GEMM and avx512_gemm()
+
+
+def times_transposed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a (M, K) float32 times b (N, K) fp16, transposed: (M, N) float32 by the project's GEMM (invariant_products),
+    the products exact, each output's sum in k order."""
+    rows, cols = b.shape
+    out = np.empty((rows, a.shape[0]), np.float32)
+    threads = _cores() if rows * cols * a.shape[0] >= SPLIT * 16 else 1
+    _fp16.gemm(np.ascontiguousarray(b), np.ascontiguousarray(a.T), out, cols, a.shape[0], threads)
+    return out.T
+
+
 @contextlib.contextmanager
 def threads_for_products(fp16_weights: bool):
-    """Around a program run: where torch's oneDNN computes the fp16 weights' GEMMs, numpy's BLAS (attention's
-    small products) runs on the calling thread meanwhile. OpenBLAS's threads spin for a while after each call and
-    take the cores torch's GEMM threads need: a 1B model's 512-token prefill took 10.0 s with them, 5.8 s
-    without."""
-    blas = _blas() if fp16_weights and FAST_GEMM and onednn_fp16_gemm() else None
+    """Around a program run: where a GEMM of torch's or of the project's computes the fp16 weights' products,
+    numpy's BLAS (attention's small products) runs on the calling thread meanwhile. OpenBLAS's threads spin for a
+    while after each call and take the cores the GEMM's threads need: a 1B model's 512-token prefill took 10.0 s
+    with them, 5.8 s without (torch's GEMM, on an Intel Xeon)."""
+    blas = _blas() if fp16_weights and fast_gemm() else None
     if blas is None:
         yield
         return
@@ -103,6 +144,13 @@ def _gemv(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     rows, cols = w.shape
     out = np.empty(rows, np.float32)
     _fp16.gemv(w, x, out, cols, fp16.ISA, _cores() if w.size >= SPLIT else 1)
+    return out
+
+
+def _gemm(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    rows, cols = w.shape
+    out = np.empty((rows, x.shape[1]), np.float32)
+    _fp16.gemm(w, x, out, cols, x.shape[1], _cores())
     return out
 
 

@@ -331,13 +331,13 @@ def l2_norm(x, epsilon=1e-6):
 # --- linear algebra --------------------------------------------------------------------------------------------
 @op("linear")
 def linear(x, weight, bias=None, _fp16_values=False):
-    weight = np.asarray(weight)
+    weight, x = np.asarray(weight), f32(x)
+    rows = x.reshape(-1, x.shape[-1])
     if weight.dtype == np.float16:  # held in its stored precision (gemm.py); `_fp16_values` as there
-        x = f32(x)
-        rows = x.reshape(-1, x.shape[-1])
-        out = weight_product(weight, rows.T, _fp16_values).T.reshape(x.shape[:-1] + (weight.shape[0],))
-    else:
-        out = f32(x) @ f32(weight).T
+        out = weight_product(weight, rows.T, _fp16_values)
+    else:  # the same operand order as the fp16 weight's blocks: BLAS may sum x @ w.T in another order
+        out = f32(weight) @ rows.T
+    out = out.T.reshape(x.shape[:-1] + (weight.shape[0],))
     return out + f32(bias) if bias is not None else out
 
 

@@ -113,9 +113,12 @@ def gemv_bandwidth() -> dict:
 
 
 def report(name: str, mil: dict, hf: dict, params: int, bandwidth: dict) -> dict:
+    from ane_eval.mil import _fp16, gemm
+
     fp32_bytes = params * 4
     info = {
         "model": name, "params": params, "fp32_weight_bytes": fp32_bytes, **bandwidth,
+        "fp16_kernels": _fp16.fastest(), "prefill_gemm": gemm.fast_gemm() or "blocked",
         "load_s_mil": mil["load_s"], "load_s_torch": hf["load_s"],
         "peak_rss_mil": mil["peak_rss_bytes"], "peak_rss_torch": hf["peak_rss_bytes"],
         "peak_rss_over_fp32_weights_mil": mil["peak_rss_bytes"] / fp32_bytes,
