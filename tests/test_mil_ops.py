@@ -264,6 +264,18 @@ def test_packed_lut_indices_match_unpacked_ones(bits, shape, groups, monkeypatch
     np.testing.assert_array_equal(run("constexpr_lut_to_dense", indices=_packed(indices, bits), lut=lut), want)
 
 
+@pytest.mark.parametrize("bits", [4, 6])
+def test_packed_lut_indices_refuse_tables_too_small_for_them(bits):
+    """Packed indices are looked up without numpy's bounds check: a table with fewer than 2^bits values (a
+    malformed weight file) is refused in one line, never read past."""
+    from ane_eval.mil.ops import OpError
+
+    indices = rng.integers(0, 2 ** bits, (8, 4)).astype(np.uint8)
+    lut = rng.standard_normal((4, 1, 2 ** bits - 1, 1)).astype(np.float16)
+    with pytest.raises(OpError, match=f"{bits}-bit indices need tables of {2 ** bits} values, not {2 ** bits - 1}"):
+        run("constexpr_lut_to_dense", indices=_packed(indices, bits), lut=lut)
+
+
 def test_constexpr_affine_and_blockwise():
     q = rng.integers(-8, 8, (4, 6)).astype(np.int8)
     out = run("constexpr_affine_dequantize", quantized_data=q, zero_point=np.int8(1), scale=np.float32(0.5), axis=0)
