@@ -362,7 +362,7 @@ def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax
     consecutive query heads. `_round` is the intermediates' rounding (the interpreter passes it in fp16 mode),
     applied where the unfused ops' outputs were rounded; it may round in place, so it only sees arrays made
     here. In fp16 mode, on the fp16 KV state, the products are the project's GEMM's (gemm.invariant_products): a
-    row's scores and output are the same bits in a prefill batch as in a decode step."""
+    row's scores and output are the same bits alone (a decode step) as among a prefill batch's rows."""
     r = _round or _same
     q, m = f32(query), f32(mask)
     slots = key.shape[-2] if transpose_key else key.shape[-1]

@@ -21,9 +21,10 @@ Three ways, all computing the op in float32 from fp16 operands (CoreML's fp16 se
   block at a time into a reused buffer, each block multiplied by numpy's BLAS: the same products as a float32
   weight, and the same sums where BLAS sums a block of rows as it sums the whole product (OpenBLAS's SkylakeX
   kernels do in the shapes converted models use; its Haswell kernels, which it runs on a Zen 5 EPYC, do not).
-The project's GEMM and GEMV sum each output in an order that depends on nothing but the weight's row length, so
-a token's projections are the same bits in any batch, on any number of threads; so are attention's products in
-fp16 mode (invariant_products). FAST_GEMV and FAST_GEMM off: the blocked path and BLAS for everything, the
+The project's GEMM and GEMV each sum an output in an order that depends on nothing but the weight's row length:
+a token's projections are the same bits in any prefill batch (and in any decode step), on any number of threads,
+though the GEMV's order is not the GEMM's; attention's products in fp16 mode are the GEMM's for a prefill batch
+and a decode step alike (invariant_products). FAST_GEMV and FAST_GEMM off: the blocked path and BLAS for everything, the
 float32-weight path's numbers where BLAS's are the same in blocks.
 """
 from __future__ import annotations
@@ -111,7 +112,7 @@ def times_transposed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 @contextlib.contextmanager
 def threads_for_products(fp16_weights: bool):
     """Around a program run: where a GEMM of torch's or of the project's computes the fp16 weights' products,
-    numpy's BLAS (attention's small products) runs on the calling thread meanwhile. OpenBLAS's threads spin for a
+    numpy's BLAS (the small products left on it) runs on the calling thread meanwhile. OpenBLAS's threads spin for a
     while after each call and take the cores the GEMM's threads need: a 1B model's 512-token prefill took 10.0 s
     with them, 5.8 s without (torch's GEMM, on an Intel Xeon)."""
     blas = _blas() if fp16_weights and fast_gemm() else None
