@@ -570,7 +570,13 @@ def test_fp16_gemm_sums_each_output_in_k_order(rows, cols, n):
         out = np.full((rows, n), np.nan, np.float32)
         _fp16.gemm(w, x, out, cols, n, threads)
         np.testing.assert_array_equal(out, want)
-    for args in [(w, x[:-1], out, cols, n), (w, x, out[:-1], cols, n), (w[:, :-1].copy(), x, out, cols, n)]:
+    stacked = np.full((3, rows, n), np.nan, np.float32)  # batches (attention's heads): each its own product
+    _fp16.gemm(np.stack([w, w[::-1].copy(), w]), np.stack([x, x, x[::-1].copy()]), stacked, cols, n, 2, 3)
+    np.testing.assert_array_equal(stacked[0], want)
+    np.testing.assert_array_equal(stacked[1], want[::-1])
+    assert not np.isnan(stacked[2]).any()
+    for args in [(w, x[:-1], out, cols, n), (w, x, out[:-1], cols, n), (w[:, :-1].copy(), x, out, cols, n),
+                 (w, x, out, cols, n, 1, 2)]:
         with pytest.raises(ValueError, match="do not make|output bytes"):
             _fp16.gemm(*args)
 

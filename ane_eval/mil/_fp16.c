@@ -24,8 +24,9 @@
 
    fp16 weight rows times several float32 columns: a prefill batch's projections, and fp16 mode's attention.
 
-   gemm(w, x, out, cols, n[, threads]), AVX-512 only: x is cols x n float32 (C order), out rows x n; each output
-   summed in k order (below). Where torch has no oneDNN fp16 GEMM (no AVX512-FP16), the other way was to widen
+   gemm(w, x, out, cols, n[, threads[, batches]]), AVX-512 only: x is cols x n float32 (C order), out rows x n, or
+   `batches` such products one after the other in each buffer (attention's heads); each output summed in k order
+   (below). Where torch has no oneDNN fp16 GEMM (no AVX512-FP16), the other way was to widen
    weight blocks to float32 in memory for numpy's BLAS: a third of the time spent widening, and on a Zen 5 EPYC
    OpenBLAS runs its Haswell (AVX2) kernels at 160-185 GF/s where this one reaches 310-350. */
 #define PY_SSIZE_T_CLEAN
@@ -540,12 +541,12 @@ static PyObject *gemv(PyObject *self, PyObject *args)
 static PyObject *gemm(PyObject *self, PyObject *args)
 {
     Py_buffer w, x, out;
-    Py_ssize_t cols, n;
+    Py_ssize_t cols, n, batches = 1;
     int threads = 1;
-    if (!PyArg_ParseTuple(args, "y*y*w*nn|i", &w, &x, &out, &cols, &n, &threads))
+    if (!PyArg_ParseTuple(args, "y*y*w*nn|in", &w, &x, &out, &cols, &n, &threads, &batches))
         return NULL;
     PyObject *result = NULL;
-    Py_ssize_t rows = cols > 0 && n > 0 ? w.len / (2 * cols) : 0;
+    Py_ssize_t rows = cols > 0 && n > 0 && batches > 0 ? w.len / (2 * cols * batches) : 0;
 #ifdef HAVE_X86
     int available = isa_available(ISA_AVX512);
 #else
@@ -553,17 +554,20 @@ static PyObject *gemm(PyObject *self, PyObject *args)
 #endif
     if (!available) {
         PyErr_SetString(PyExc_ValueError, "gemm: needs AVX-512, which this CPU does not have");
-    } else if (cols <= 0 || n <= 0 || w.len % (2 * cols) || x.len != 4 * cols * n) {
-        PyErr_Format(PyExc_ValueError, "gemm: %zd weight bytes and %zd input bytes do not make rows of %zd fp16 "
-                     "weights and a %zd x %zd float32 input", w.len, x.len, cols, cols, n);
-    } else if (out.len != 4 * rows * n) {
-        PyErr_Format(PyExc_ValueError, "gemm: %zd output bytes for %zd x %zd float32 outputs", out.len, rows, n);
+    } else if (cols <= 0 || n <= 0 || batches <= 0 || w.len % (2 * cols * batches) || x.len != 4 * cols * n * batches) {
+        PyErr_Format(PyExc_ValueError, "gemm: %zd weight bytes and %zd input bytes do not make %zd batches of rows "
+                     "of %zd fp16 weights and a %zd x %zd float32 input", w.len, x.len, batches, cols, cols, n);
+    } else if (out.len != 4 * rows * n * batches) {
+        PyErr_Format(PyExc_ValueError, "gemm: %zd output bytes for %zd batches of %zd x %zd float32 outputs", out.len,
+                     batches, rows, n);
     } else if (!PyBuffer_IsContiguous(&w, 'C') || !PyBuffer_IsContiguous(&x, 'C') || !PyBuffer_IsContiguous(&out, 'C')) {
         PyErr_SetString(PyExc_ValueError, "gemm: buffers must be C-contiguous");
     } else {
 #ifdef HAVE_X86
         Py_BEGIN_ALLOW_THREADS
-        split_rows(gemm_avx512, (const uint16_t *)w.buf, (const float *)x.buf, (float *)out.buf, rows, cols, n, threads);
+        for (Py_ssize_t b = 0; b < batches; b++)
+            split_rows(gemm_avx512, (const uint16_t *)w.buf + b * rows * cols, (const float *)x.buf + b * cols * n,
+                       (float *)out.buf + b * rows * n, rows, cols, n, threads);
         Py_END_ALLOW_THREADS
 #endif
         result = Py_NewRef(Py_None);
@@ -654,7 +658,7 @@ static PyObject *fastest_isa(PyObject *self, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"gemv", gemv, METH_VARARGS, "gemv(w, x, out, cols[, isa[, threads]]): out[r] = sum_k w[r, k] * x[k] (fp16 w, float32 x, out)"},
-    {"gemm", gemm, METH_VARARGS, "gemm(w, x, out, cols, n[, threads]): out = w @ x (fp16 w rows x cols, float32 x cols x n, out rows x n); AVX-512"},
+    {"gemm", gemm, METH_VARARGS, "gemm(w, x, out, cols, n[, threads[, batches]]): out = w @ x (fp16 w rows x cols, float32 x cols x n, out rows x n), per batch; AVX-512"},
     {"round_fp16", round_fp16, METH_VARARGS, "round_fp16(src, dst[, isa]): dst = src rounded to fp16, as float32 (dst may be src)"},
     {"widen", widen, METH_VARARGS, "widen(src, dst[, isa]): dst = fp16 src as float32"},
     {"isas", isas, METH_NOARGS, "the code paths this CPU can run: {name: isa}"},

@@ -411,14 +411,10 @@ def masked_attention(query, key, value, scale, mask, transpose_key=True, softmax
 
 def _per_kv_head(x, w, groups):
     """x (B, H, T, K) float32 times w (B, H / groups, N, K) fp16, transposed: (B, H, T, N), one GEMM per KV head
-    over the rows of its `groups` query heads."""
+    over the rows of its `groups` query heads (one call for all of them)."""
     b, h, t, k = x.shape
-    out = np.empty((b, h, t, w.shape[-2]), np.float32)
-    for i in range(b):
-        for j in range(h // groups):
-            heads = slice(j * groups, (j + 1) * groups)
-            out[i, heads] = times_transposed(x[i, heads].reshape(groups * t, k), w[i, j]).reshape(groups, t, -1)
-    return out
+    out = times_transposed(x.reshape(b, h // groups, groups * t, k), w)
+    return out.reshape(b, h, t, w.shape[-2])
 
 
 @op(FUSED_ROTARY)

@@ -100,13 +100,15 @@ def invariant_products() -> bool:
 
 
 def times_transposed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a (M, K) float32 times b (N, K) fp16, transposed: (M, N) float32 by the project's GEMM (invariant_products),
-    the products exact, each output's sum in k order."""
-    rows, cols = b.shape
-    out = np.empty((rows, a.shape[0]), np.float32)
-    threads = _cores() if rows * cols * a.shape[0] >= SPLIT * 16 else 1
-    _fp16.gemm(np.ascontiguousarray(b), np.ascontiguousarray(a.T), out, cols, a.shape[0], threads)
-    return out.T
+    """a (..., M, K) float32 times b (..., N, K) fp16, transposed: (..., M, N) float32 by the project's GEMM
+    (invariant_products), the products exact, each output's sum in k order; one call for all leading dims."""
+    *lead, rows, cols = b.shape
+    m = a.shape[-2]
+    batches = int(np.prod(lead, dtype=np.int64))
+    out = np.empty(tuple(lead) + (rows, m), np.float32)
+    threads = _cores() if rows * cols * m >= SPLIT * 16 else 1
+    _fp16.gemm(np.ascontiguousarray(b), np.ascontiguousarray(a.swapaxes(-1, -2)), out, cols, m, threads, batches)
+    return out.swapaxes(-1, -2)
 
 
 @contextlib.contextmanager
