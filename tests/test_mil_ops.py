@@ -424,6 +424,7 @@ def test_fused_attention_rounds_where_the_unfused_ops_do(groups):
     visible = np.arange(s) <= np.arange(t)[:, None] + s - t  # causal; a bias where visible (not just 0): so
     mask = np.where(visible, r(gen.standard_normal((t, s)).astype(np.float32)), -np.inf)[None, None]  # masking rounds
     scale = np.float32(0.3)  # not a power of two: scaling rounds too
+
     def matmul(a, b):  # the kernel's products: the project's GEMM on fp16 keys and values where it runs them
         if gemm.invariant_products():
             return np.stack([gemm.times_transposed(a[0, i], b[0, i].T) for i in range(h)])[None]
@@ -475,10 +476,10 @@ def test_fp16_conversions_refuse_buffers_of_the_wrong_size():
 def test_fp16_weight_products_equal_float32_weights(monkeypatch, columns, blas_row_blocks_invariant):
     """conv and linear with an fp16-resident weight: the blocked path (many blocks) gives the float32 weight's
     bits where numpy's BLAS sums a block of rows as it sums the whole product (else within float32 accumulation's
-    bound of the exact product, as the float32 weight's result is). The fast products for fp16 columns whose output is rounded to fp16 (the fp16 GEMV for one column,
-    torch's oneDNN fp16 GEMM or the project's AVX-512 one for several, where the CPU has one) sum in another
-    float32 order: rounded, they meet
-    the error bound the float32 path meets (half an fp16 ulp plus float32 accumulation, n 2^-24 sum|w x|, against
+    bound of the exact product, as the float32 weight's result is). The fast products for fp16 columns whose
+    output is rounded to fp16 (the fp16 GEMV for one column, torch's oneDNN fp16 GEMM or the project's AVX-512
+    one for several, where the CPU has one) sum in another float32 order: rounded, they meet the error bound the
+    float32 path meets (half an fp16 ulp plus float32 accumulation, n 2^-24 sum|w x|, against
     the exact float64 product) and differ from it in under 1 % of the outputs."""
     from ane_eval.mil import gemm
 
@@ -574,7 +575,8 @@ def test_fp16_gemm_sums_each_output_in_k_order(rows, cols, n):
     _fp16.gemm(np.stack([w, w[::-1].copy(), w]), np.stack([x, x, x[::-1].copy()]), stacked, cols, n, 2, 3)
     np.testing.assert_array_equal(stacked[0], want)
     np.testing.assert_array_equal(stacked[1], want[::-1])
-    assert not np.isnan(stacked[2]).any()
+    _fp16.gemm(w, x[::-1].copy(), out, cols, n)  # the third product alone
+    np.testing.assert_array_equal(stacked[2], out)
     for args in [(w, x[:-1], out, cols, n), (w, x, out[:-1], cols, n), (w[:, :-1].copy(), x, out, cols, n),
                  (w, x, out, cols, n, 1, 2)]:
         with pytest.raises(ValueError, match="do not make|output bytes"):

@@ -24,8 +24,8 @@ Three ways, all computing the op in float32 from fp16 operands (CoreML's fp16 se
 The project's GEMM and GEMV each sum an output in an order that depends on nothing but the weight's row length:
 a token's projections are the same bits in any prefill batch (and in any decode step), on any number of threads,
 though the GEMV's order is not the GEMM's; attention's products in fp16 mode are the GEMM's for a prefill batch
-and a decode step alike (invariant_products). FAST_GEMV and FAST_GEMM off: the blocked path and BLAS for everything, the
-float32-weight path's numbers where BLAS's are the same in blocks.
+and a decode step alike (invariant_products). FAST_GEMV and FAST_GEMM off: the blocked path and BLAS for
+everything, the float32-weight path's numbers where BLAS's are the same in blocks.
 """
 from __future__ import annotations
 
@@ -53,12 +53,13 @@ def weight_product(w: np.ndarray, x: np.ndarray, fp16_values: bool = False) -> n
     rounds the result to fp16 (what lets the fp16 GEMV compute it)."""
     if fp16_values and FAST_GEMV and x.shape[1] == 1:
         return _gemv(np.ascontiguousarray(w), np.ascontiguousarray(x[:, 0]))[:, None]
-    if fp16_values and FAST_GEMM and onednn_fp16_gemm():
+    kind = fast_gemm() if fp16_values else None
+    if kind == "onednn":
         torch = _torch()  # x holds fp16 values: exact in fp16; the product comes back rounded to fp16
         product = torch.mm(torch.from_numpy(np.ascontiguousarray(w)), torch.from_numpy(np.ascontiguousarray(x)).half())
         return product.float().numpy()
-    if fp16_values and FAST_GEMM and avx512_gemm():
-        return _gemm(np.ascontiguousarray(w), np.ascontiguousarray(x))
+    if kind == "avx512":
+        return _gemm(w, x, _cores())
     return _blocked(w, x)
 
 
@@ -102,13 +103,9 @@ def invariant_products() -> bool:
 def times_transposed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a (..., M, K) float32 times b (..., N, K) fp16, transposed: (..., M, N) float32 by the project's GEMM
     (invariant_products), the products exact, each output's sum in k order; one call for all leading dims."""
-    *lead, rows, cols = b.shape
-    m = a.shape[-2]
-    batches = int(np.prod(lead, dtype=np.int64))
-    out = np.empty(tuple(lead) + (rows, m), np.float32)
+    rows, cols, m = b.shape[-2], b.shape[-1], a.shape[-2]
     threads = _cores() if rows * cols * m >= SPLIT * 16 else 1
-    _fp16.gemm(np.ascontiguousarray(b), np.ascontiguousarray(a.swapaxes(-1, -2)), out, cols, m, threads, batches)
-    return out.swapaxes(-1, -2)
+    return _gemm(b, a.swapaxes(-1, -2), threads).swapaxes(-1, -2)
 
 
 @contextlib.contextmanager
@@ -150,10 +147,12 @@ def _gemv(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _gemm(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    rows, cols = w.shape
-    out = np.empty((rows, x.shape[1]), np.float32)
-    _fp16.gemm(w, x, out, cols, x.shape[1], _cores())
+def _gemm(w: np.ndarray, x: np.ndarray, threads: int) -> np.ndarray:
+    """w (..., N, K) fp16 times x (..., K, M) float32: (..., N, M), one product per leading index."""
+    *lead, rows, cols = w.shape
+    out = np.empty(tuple(lead) + (rows, x.shape[-1]), np.float32)
+    _fp16.gemm(np.ascontiguousarray(w), np.ascontiguousarray(x), out, cols, x.shape[-1], threads,
+               int(np.prod(lead, dtype=np.int64)))
     return out
 
 

@@ -729,7 +729,7 @@ def _lut_by_row_groups(indices, lut: np.ndarray) -> np.ndarray:
             raise OpError(f"constexpr_lut_to_dense: {indices.bits}-bit indices need tables of {1 << indices.bits} "
                           f"values, not {lut.shape[1]}")
         # every index is in its table now: the takes below skip numpy's bounds check (mode="clip"), which with
-        # out= also buffers the whole output (np.take's documentation): 21 ns per weight against ~3
+        # out= also buffers the output (np.take's documentation): 1.3 against 1.7-3.0 ns per byte taken
         if indices.bits == 4 and sys.byteorder == "little":
             return _lut_pairs_by_row_groups(indices, lut)
         return _lut_unpacking_by_row_groups(indices, lut)  # other widths: a few groups at a time, no index array
